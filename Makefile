@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:
+#   make demo   installs into .venv (once), then prunes resnet20 on the embedded digits data with OBA
+#   make test   installs into .venv (once), then runs the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all bench install clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train_prune.py --importance_type OBA --dataset digits --model resnet20 \
+		--num_epochs 15 --lr 0.05 --batch_size 64 --sl_num_epochs 5 --sl_lr 0.01 \
+		--ops_ratios 0.5 --iterative_steps 8 --iters_per_step 4 \
+		--output_dir outputs/demo --save_path_prefix checkpoints/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/importance_cost.py
+
+clean:
+	rm -rf outputs checkpoints runs .pytest_cache

@@ -1,0 +1,283 @@
+"""The FLOPs-target driver: remove the least important channels in small global steps.
+
+Each step re-estimates importance on the current (already pruned) network, folds the scores into
+torch-pruning groups, ranks all channels of all groups together, and removes the lowest ones until
+the step's MACs budget is spent. Budgets follow an exponential schedule: step k aims at
+target ** (k / iterative_steps) of the starting MACs, so early steps are large and late ones fine.
+The loop stops as soon as the measured MACs ratio is at or below the target; when no channel can be
+removed any more (every layer at its cap) it raises `TargetUnreachable` with the ratio it reached.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from tqdm.auto import tqdm
+
+from utils.flops import count_macs, count_params
+
+from .group_scores import ScoreFolder
+from .registry import Batch, get_method
+
+
+class PruningError(ValueError):
+    """A pruning request that cannot be met; the message is one line for the user."""
+
+
+class TargetUnreachable(PruningError):
+    pass
+
+
+@dataclass
+class PruneSettings:
+    target_ops_ratio: float
+    iterative_steps: int = 16
+    iters_per_step: int = 10
+    max_pruning_ratio: float = 0.95
+    normalizer: str = "max"
+    multivariable: bool = True
+    method_options: dict = field(default_factory=dict)
+    max_steps_factor: int = 4  # hard stop: iterative_steps * this many steps
+
+    def validate(self):
+        if not 0.0 < self.target_ops_ratio <= 1.0:
+            raise PruningError(f"ops ratio {self.target_ops_ratio} is out of range; "
+                               "give the fraction of MACs to keep, in (0, 1]")
+        if not 0.0 < self.max_pruning_ratio < 1.0:
+            raise PruningError(f"--max_pruning_ratio {self.max_pruning_ratio} is out of range; "
+                               "use a value in (0, 1)")
+        if self.iterative_steps < 1 or self.iters_per_step < 1:
+            raise PruningError("--iterative_steps and --iters_per_step must be at least 1")
+
+
+@dataclass
+class PruneReport:
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    reference_macs: int
+    steps: int
+    seconds_estimating: float
+    seconds_pruning: float
+
+    @property
+    def ops_ratio(self) -> float:
+        return self.macs_after / self.reference_macs
+
+
+def channel_widths(model: nn.Module) -> Dict[str, Dict[str, int]]:
+    """{module name: {'out': n, 'in': n}} for conv / linear layers: the caps are relative to these."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            widths[name] = {"out": m.out_channels, "in": m.in_channels}
+        elif isinstance(m, nn.Linear):
+            widths[name] = {"out": m.out_features, "in": m.in_features}
+    return widths
+
+
+def _layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> Dict[nn.Module, float]:
+    """MACs of each conv / linear for one input: the cost model that sizes each step."""
+    macs: Dict[nn.Module, float] = {}
+    batch = example_inputs.shape[0]
+
+    def hook(m, inp, out):
+        if isinstance(m, nn.modules.conv._ConvNd):
+            k = m.weight[0].numel()  # in_channels/groups * kernel area
+            macs[m] = macs.get(m, 0.0) + out.numel() / batch * k
+        else:
+            macs[m] = macs.get(m, 0.0) + out.numel() / batch * m.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return macs
+
+
+def _channel_cost(group, layer_macs, DG) -> float:
+    """Approximate MACs removed with one channel of this group."""
+    cost = 0.0
+    for dep, _ in group:
+        m = dep.target.module
+        if m not in layer_macs:
+            continue
+        if DG.is_out_channel_pruning_fn(dep.handler):
+            cost += layer_macs[m] / max(DG.get_out_channels(m) or 1, 1)
+        elif DG.is_in_channel_pruning_fn(dep.handler):
+            cost += layer_macs[m] / max(DG.get_in_channels(m) or 1, 1)
+    return cost
+
+
+def _round_multiple(group) -> int:
+    """Channels of an attention embedding must stay divisible by its number of heads."""
+    mult = 1
+    for dep, _ in group:
+        if isinstance(dep.target.module, nn.MultiheadAttention):
+            mult = math.lcm(mult, dep.target.module.num_heads)
+    return mult
+
+
+class StructuredPruner:
+    """Holds the dependency graph of one model and removes channels from it step by step."""
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, ignored_layers: List[nn.Module],
+                 original_widths: Optional[Dict[str, Dict[str, int]]] = None):
+        self.model = model
+        self.example_inputs = example_inputs
+        self.ignored_layers = list(ignored_layers)
+        self.original_widths = original_widths or channel_widths(model)
+        self.module_names = {m: n for n, m in model.named_modules()}
+        was_training = model.training
+        model.eval()
+        self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        model.train(was_training)
+
+    def groups(self):
+        return list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                           root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
+
+    def _floor(self, group) -> int:
+        """The fewest channels this group may keep (every layer keeps >= (1-cap) of its original)."""
+        floor = 1
+        for dep, _ in group:
+            m = dep.target.module
+            name = self.module_names.get(m)
+            if name not in self.original_widths:
+                continue
+            side = "out" if self.DG.is_out_channel_pruning_fn(dep.handler) else "in"
+            floor = max(floor, math.ceil(self.original_widths[name][side] * (1 - self.cap)))
+        return floor
+
+    def plan_step(self, folder: ScoreFolder, budget_macs: float, cap: float):
+        """Choose channels to remove: globally lowest scores first until `budget_macs` is spent."""
+        self.cap = cap
+        layer_macs = _layer_macs(self.model, self.example_inputs[:1])
+        candidates = []  # (score, group id, channel index)
+        info = []
+        for gid, group in enumerate(self.groups()):
+            scores = folder(group)
+            if scores is None:
+                continue
+            n = len(scores)
+            removable = n - self._floor(group)
+            mult = _round_multiple(group)
+            removable -= removable % mult
+            info.append((group, removable, mult, _channel_cost(group, layer_macs, self.DG)))
+            if removable <= 0:
+                continue
+            for c in range(n):
+                candidates.append((float(scores[c]), len(info) - 1, c))
+        candidates.sort(key=lambda t: t[0])
+        chosen: Dict[int, List[int]] = {}
+        spent = 0.0
+        for score, gi, c in candidates:
+            if spent >= budget_macs:
+                break
+            group, removable, mult, cost = info[gi]
+            picked = chosen.setdefault(gi, [])
+            if len(picked) >= removable:
+                continue
+            picked.append(c)
+            spent += cost
+        plan = []
+        for gi, idxs in chosen.items():
+            group, removable, mult, cost = info[gi]
+            keep = len(idxs) - len(idxs) % mult
+            if keep > 0:
+                root = group[0].dep
+                plan.append((root.target.module, root.handler, sorted(idxs[:keep])))
+        return plan
+
+    def apply(self, plan, compensate: Optional[Callable] = None, state: Optional[dict] = None):
+        if compensate is not None:
+            outputs = {}
+            for module, handler, idxs in plan:
+                group = self.DG.get_pruning_group(module, handler, idxs)
+                for dep, layer_idxs in group:
+                    if self.DG.is_out_channel_pruning_fn(dep.handler) and isinstance(
+                            dep.target.module, (nn.modules.conv._ConvNd, nn.Linear)):
+                        outputs.setdefault(dep.target.module, set()).update(int(i) for i in layer_idxs)
+            compensate(self.model, {m: sorted(v) for m, v in outputs.items()}, state or {})
+        removed = 0
+        for module, handler, idxs in plan:
+            group = self.DG.get_pruning_group(module, handler, idxs)
+            if self.DG.check_pruning_group(group):
+                group.prune()
+                removed += len(idxs)
+        return removed
+
+
+def prune_to_target(model: nn.Module, method_name: str, batches: Callable[[int], Iterable[Batch]],
+                    loss_fn: Callable, example_inputs: torch.Tensor, settings: PruneSettings,
+                    ignored_layers: List[nn.Module], reference_macs: Optional[int] = None,
+                    original_widths: Optional[Dict[str, Dict[str, int]]] = None,
+                    progress: bool = True) -> PruneReport:
+    """Prune `model` in place until its MACs are at most target * reference_macs.
+
+    batches(n) must return an iterable of n fresh (inputs, targets) batches.
+    reference_macs: the dense network's MACs (default: the model's own MACs now); the iterative
+    script passes the dense figure so every ratio is relative to the original network.
+    """
+    settings.validate()
+    method = get_method(method_name)
+    macs_before = count_macs(model, example_inputs[:1])
+    params_before = count_params(model)
+    reference = reference_macs or macs_before
+    target_macs = settings.target_ops_ratio * reference
+    pruner = StructuredPruner(model, example_inputs[:1], ignored_layers, original_widths)
+    t_est = t_prune = 0.0
+    steps = 0
+    macs = macs_before
+    bar = tqdm(total=settings.iterative_steps, desc=f"pruning ({method_name})", disable=not progress,
+               unit="step")
+    max_steps = settings.iterative_steps * settings.max_steps_factor
+    while macs > target_macs:
+        if steps >= max_steps:
+            raise TargetUnreachable(
+                f"stopped after {steps} pruning steps at MACs ratio {macs / reference:.4f} above the "
+                f"target {settings.target_ops_ratio}; raise --iterative_steps or --max_pruning_ratio")
+        # Exponential schedule, relative to where this run started.
+        k = min(steps + 1, settings.iterative_steps)
+        goal = max(target_macs, macs_before * (target_macs / macs_before) ** (k / settings.iterative_steps))
+        budget = macs - goal
+        t0 = time.perf_counter()
+        scores = method.estimate(model, batches(settings.iters_per_step), loss_fn,
+                                 **settings.method_options) if method.needs_data else \
+            method.estimate(model, [], loss_fn, **settings.method_options)
+        folder = ScoreFolder(model, scores, in_channels=method.in_channels,
+                             norm_layers=method.norm_layers, multivariable=settings.multivariable,
+                             normalizer=settings.normalizer, finalize=method.finalize)
+        t1 = time.perf_counter()
+        plan = pruner.plan_step(folder, budget, settings.max_pruning_ratio)
+        removed = pruner.apply(plan, method.compensate, method.state) if plan else 0
+        steps += 1
+        new_macs = count_macs(model, example_inputs[:1])
+        t2 = time.perf_counter()
+        t_est += t1 - t0
+        t_prune += t2 - t1
+        if removed == 0 or new_macs >= macs:
+            bar.close()
+            raise TargetUnreachable(
+                f"FLOPs target {settings.target_ops_ratio} cannot be reached: every layer is at its "
+                f"cap, stopped at MACs ratio {new_macs / reference:.4f}; raise --max_pruning_ratio "
+                f"(now {settings.max_pruning_ratio}) or ask for a larger ratio")
+        macs = new_macs
+        bar.update(1 if steps <= settings.iterative_steps else 0)
+        bar.set_postfix(ops_ratio=f"{macs / reference:.3f}")
+    bar.close()
+    return PruneReport(macs_before, macs, params_before, count_params(model), reference, steps,
+                       t_est, t_prune)

@@ -1,0 +1,336 @@
+"""Kronecker-factored (K-FAC) curvature statistics for conv and linear layers.
+
+For a layer with output z = W a (conv: per spatial position, a = the im2col patch), K-FAC
+approximates the layer's Fisher as F ≈ S ⊗ A with
+
+    A = E[a aᵀ]          averaged over examples and positions (a gets a trailing 1 when the
+                         layer has a bias, so the bias is the last column of θ = [W | b]),
+    S = E_n[Σ_t s_t s_tᵀ] averaged over examples, summed over positions t,
+
+where s_t = ∂ℓ_n/∂z_t is the gradient of the *per-example* loss. The loss function is assumed
+to average over the batch (as nn.CrossEntropyLoss does), so s = batch size × the gradient of
+the batch loss. Summing S over positions (the KFC convention) gives S ⊗ A the scale of the
+per-example Fisher E[vec(∇_θ ℓ) vec(∇_θ ℓ)ᵀ] under spatial homogeneity, so layer scores from
+different layers (and C-OBD's exact diagonal) are comparable.
+
+Also collected on request:
+  A_channels  E[x xᵀ] over input channels only, with spatial positions as samples (conv) or the
+              raw inputs without the bias 1 (linear): the input factor EigenDamage rotates by.
+  fisher_diag E_n[(∇_θ ℓ_n)²] from per-example gradients (conv: summed over positions),
+              in the same out × (in·k·k [+1]) layout as θ.
+
+The true Fisher (targets sampled from the model's predictive distribution) is the default;
+fisher_type='empirical' uses the data's targets. Estimation runs in eval mode under
+`preserved_state`, so BatchNorm buffers and train/eval flags are as they were afterwards, and
+the gradients are taken with torch.autograd.grad, so no parameter's .grad is touched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import Batch, CriterionError, model_device, preserved_state, to_device
+
+FISHER_TYPES = ("true", "empirical")
+# Upper bound on the elements of one temporary (unfolded patches, per-example gradients).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class LayerStatistics:
+    """K-FAC factors of one layer; matrices use the θ = [W.view(out, -1) | b] layout."""
+
+    S: torch.Tensor
+    A: Optional[torch.Tensor] = None
+    A_channels: Optional[torch.Tensor] = None
+    fisher_diag: Optional[torch.Tensor] = None
+    has_bias: bool = False
+    examples: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers and the θ matrix layout
+
+def is_kfac_layer(module: nn.Module) -> bool:
+    """Linear layers and ungrouped 2-d convolutions (grouped convs have per-group factors)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1
+
+
+def kfac_layers(model: nn.Module, ignored: Iterable[Union[str, nn.Module]] = ()
+                ) -> Dict[str, nn.Module]:
+    """{qualified name: module} of every K-FAC layer except those named or given in `ignored`."""
+    skip = {x for x in ignored if isinstance(x, str)}
+    skip_ids = {id(x) for x in ignored if isinstance(x, nn.Module)}
+    return {name: m for name, m in model.named_modules()
+            if is_kfac_layer(m) and name not in skip and id(m) not in skip_ids}
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """θ = [W.view(out, -1) | b] (the bias column only when the layer has one)."""
+    w = module.weight.reshape(module.weight.shape[0], -1)
+    if module.bias is not None:
+        w = torch.cat([w, module.bias.reshape(-1, 1)], dim=1)
+    return w
+
+
+def matrix_to_parameters(module: nn.Module, matrix: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Split an out × (in·k·k [+1]) matrix back into weight-shaped and bias-shaped tensors."""
+    n_weight = module.weight[0].numel()
+    weight = matrix[:, :n_weight].reshape(module.weight.shape)
+    bias = matrix[:, n_weight] if module.bias is not None else None
+    return weight, bias
+
+
+def named_matrix_scores(layer_name: str, module: nn.Module, matrix: torch.Tensor
+                        ) -> Dict[str, torch.Tensor]:
+    """{'<layer>.weight': ..., '<layer>.bias': ...} from a score matrix in θ layout."""
+    weight, bias = matrix_to_parameters(module, matrix)
+    prefix = f"{layer_name}." if layer_name else ""
+    scores = {prefix + "weight": weight.detach()}
+    if bias is not None:
+        scores[prefix + "bias"] = bias.detach()
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Factor helpers
+
+def symmetrize(m: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (m + m.transpose(-1, -2))
+
+
+def damped(factor: torch.Tensor, damping: float) -> torch.Tensor:
+    """factor + damping · mean(diag(factor)) · I: damping relative to the factor's own scale,
+    so one value suits layers and data sets of any scale. A tiny floor keeps an all-zero
+    factor (e.g. a dead layer) invertible."""
+    dim = factor.shape[0]
+    scale = torch.diagonal(factor).mean().clamp_min(0)
+    floor = torch.finfo(factor.dtype).tiny ** 0.5
+    eye = torch.eye(dim, dtype=factor.dtype, device=factor.device)
+    return symmetrize(factor) + (damping * scale + floor) * eye
+
+
+def spd_inverse(factor: torch.Tensor) -> torch.Tensor:
+    """Inverse of a symmetric positive-definite factor, computed in float64."""
+    f64 = symmetrize(factor.double())
+    try:
+        chol = torch.linalg.cholesky(f64)
+        inv = torch.cholesky_inverse(chol)
+    except RuntimeError:  # numerically indefinite: fall back to the symmetric pseudo-inverse
+        inv = torch.linalg.pinv(f64, hermitian=True)
+    return symmetrize(inv).to(factor.dtype)
+
+
+def symmetric_eigh(factor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues ≥ 0 in ascending order, orthonormal eigenvectors as columns), in float64;
+    tiny negative eigenvalues from round-off are clamped to zero."""
+    values, vectors = torch.linalg.eigh(symmetrize(factor.double()))
+    return values.clamp_min(0), vectors
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+
+def check_fisher_type(fisher_type: str) -> None:
+    if fisher_type not in FISHER_TYPES:
+        raise CriterionError(
+            f"unknown fisher_type '{fisher_type}'; use 'true' (sampled targets) or 'empirical'")
+
+
+def sample_targets(outputs: torch.Tensor) -> torch.Tensor:
+    """Class labels drawn from softmax(outputs) over the last axis (the true-Fisher targets)."""
+    probs = torch.softmax(outputs.detach().float(), dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1).reshape(probs.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer (activations, gradients) -> samples a: (N, P, d), s: (N, P, out)
+
+def _conv_padding(module: nn.Conv2d) -> Tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding the conv applies, for any padding spec."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0, 0, 0)
+        pads = []
+        for k, d in zip(module.kernel_size, module.dilation):  # 'same'
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        return (left, right, top, bottom)
+    ph, pw = module.padding
+    return (pw, pw, ph, ph)
+
+
+def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col patches (N, positions, in·kh·kw) in the order of weight.view(out, -1)."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, _conv_padding(module), mode=mode)
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return cols.transpose(1, 2)
+
+
+def _input_samples(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Conv2d):
+        return conv_patches(module, x)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _output_samples(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Conv2d):
+        return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def _channel_samples(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input-channel vectors with every spatial position (or token) as a sample: (M, in)."""
+    if isinstance(module, nn.Conv2d):
+        return x.transpose(1, -1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _with_bias_column(a: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collection
+
+class _Accumulator:
+    """Running sums for one layer across calls and batches."""
+
+    def __init__(self, module: nn.Module, full_input: bool, channel_input: bool, diagonal: bool):
+        self.module = module
+        self.has_bias = module.bias is not None
+        self.full_input, self.channel_input, self.diagonal = full_input, channel_input, diagonal
+        self.A = self.A_channels = self.S = self.F = None
+        self.positions = 0          # Σ examples × positions (A's denominator)
+        self.channel_positions = 0  # Σ channel samples (A_channels' denominator)
+
+    @staticmethod
+    def _add(total, value):
+        return value if total is None else total + value
+
+    def add(self, x: torch.Tensor, grad: torch.Tensor, batch_size: int) -> None:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(dtype)
+        s_all = _output_samples(self.module, grad.to(dtype) * batch_size)
+        n = x.shape[0]
+        # S: mean over examples of Σ_t s sᵀ; the example count is added in `add_examples`.
+        s_flat = s_all.reshape(-1, s_all.shape[-1])
+        self.S = self._add(self.S, s_flat.t() @ s_flat)
+        if self.channel_input:
+            c = _channel_samples(self.module, x)
+            self.A_channels = self._add(self.A_channels, c.t() @ c)
+            self.channel_positions += c.shape[0]
+        if not (self.full_input or self.diagonal):
+            return
+        # Unfold a few examples at a time to bound memory.
+        per_example = max(1, _input_samples(self.module, x[:1]).numel())
+        step = max(1, _CHUNK_ELEMENTS // per_example)
+        for start in range(0, n, step):
+            a = _input_samples(self.module, x[start:start + step])
+            if self.has_bias:
+                a = _with_bias_column(a)
+            s = s_all[start:start + step]
+            if self.full_input:
+                a_flat = a.reshape(-1, a.shape[-1])
+                self.A = self._add(self.A, a_flat.t() @ a_flat)
+                self.positions += a_flat.shape[0]
+            if self.diagonal:
+                self.F = self._add(self.F, self._per_example_squares(a, s))
+
+    @staticmethod
+    def _per_example_squares(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Σ_n (Σ_t s_nt a_ntᵀ)², a few examples at a time."""
+        out_dim, in_dim = s.shape[-1], a.shape[-1]
+        step = max(1, _CHUNK_ELEMENTS // (out_dim * in_dim))
+        total = None
+        for start in range(0, a.shape[0], step):
+            g = torch.einsum("npo,npi->noi", s[start:start + step], a[start:start + step])
+            part = (g * g).sum(0)
+            total = part if total is None else total + part
+        return total
+
+    def result(self, examples: int) -> LayerStatistics:
+        if self.S is None:
+            raise CriterionError("a K-FAC layer was never reached by the forward pass; "
+                                 "pass it in `ignored` or check the model's forward")
+        return LayerStatistics(
+            S=self.S / examples,
+            A=self.A / self.positions if self.A is not None else None,
+            A_channels=(self.A_channels / self.channel_positions
+                        if self.A_channels is not None else None),
+            fisher_diag=self.F / examples if self.F is not None else None,
+            has_bias=self.has_bias, examples=examples)
+
+
+def collect_kfac_statistics(model: nn.Module, batches: Iterable[Batch], loss_fn: Callable,
+                            fisher_type: str = "true",
+                            ignored: Iterable[Union[str, nn.Module]] = (),
+                            layers: Optional[Dict[str, nn.Module]] = None,
+                            full_input: bool = True, channel_input: bool = False,
+                            diagonal: bool = False) -> Dict[str, LayerStatistics]:
+    """K-FAC statistics of every conv/linear layer, averaged over all examples of `batches`.
+
+    layers: {key: module} to measure (default: `kfac_layers(model, ignored)`); keys name the
+        results. full_input: collect A (im2col, bias 1); channel_input: collect A_channels;
+        diagonal: collect the per-example-gradient diagonal Fisher.
+    loss_fn(outputs, targets) must average over the batch (see the module note on scaling).
+    """
+    check_fisher_type(fisher_type)
+    if layers is None:
+        layers = kfac_layers(model, ignored)
+    if not layers:
+        raise CriterionError("the model has no conv/linear layer to estimate K-FAC factors for")
+    device = model_device(model)
+    accumulators = {key: _Accumulator(m, full_input, channel_input, diagonal)
+                    for key, m in layers.items()}
+    examples = 0
+    with preserved_state(model):
+        model.eval()  # BatchNorm uses its running statistics and leaves them alone
+        for batch in batches:
+            x, y = to_device(batch, device)
+            examples += x.shape[0]
+            _accumulate_batch(model, layers, accumulators, x, y, loss_fn, fisher_type)
+    if examples == 0:
+        raise CriterionError("no batches were given for K-FAC estimation; "
+                             "pass at least one (inputs, targets) batch")
+    return {key: acc.result(examples) for key, acc in accumulators.items()}
+
+
+def _accumulate_batch(model, layers, accumulators, x, y, loss_fn, fisher_type) -> None:
+    records: Dict[str, list] = {key: [] for key in layers}
+
+    def recorder(key):
+        def hook(module, inputs, output):
+            records[key].append((inputs[0].detach(), output))
+            # Hand on a copy, so an in-place op after the layer (ReLU(inplace=True)) cannot
+            # rebase the tensor whose gradient is taken below.
+            return output.clone()
+        return hook
+
+    handles = [m.register_forward_hook(recorder(key)) for key, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            inputs = x.detach().requires_grad_(True) if x.is_floating_point() else x
+            outputs = model(inputs)
+            targets = sample_targets(outputs) if fisher_type == "true" else y
+            loss = loss_fn(outputs, targets)
+            recorded = [(key, inp, out) for key, calls in records.items() for inp, out in calls]
+            wanted = [out for _, _, out in recorded if out.requires_grad]
+            found = iter(torch.autograd.grad(loss, wanted, allow_unused=True) if wanted else ())
+    finally:
+        for h in handles:
+            h.remove()
+    for key, inp, out in recorded:
+        grad = next(found) if out.requires_grad else None
+        if grad is None:  # the layer does not influence the loss
+            grad = torch.zeros_like(out)
+        accumulators[key].add(inp, grad.detach(), x.shape[0])

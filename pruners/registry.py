@@ -1,0 +1,155 @@
+"""The table of importance criteria.
+
+Every criterion is a `Method`: a function that turns (model, batches, loss) into per-parameter
+scores, plus a few flags telling the structured driver how to fold those scores into channel
+scores. The driver, the scripts and `parameter_scores` only ever look criteria up here, so a new
+criterion is one `register(...)` call in its own module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+ScoreDict = Dict[str, torch.Tensor]
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+class CriterionError(ValueError):
+    """Bad criterion name or options; the message is meant for the user, one line."""
+
+
+@dataclass
+class Method:
+    """One importance criterion.
+
+    estimate(model, batches, loss_fn, **options) -> {parameter name: score of that shape}
+        Scores are "higher = more important" once folded (the aggregation takes absolute
+        values per layer where `absolute` is set). It must leave the model's weights and
+        buffers (BatchNorm running statistics included) exactly as it found them.
+    finalize: applied to a group's folded channel scores before normalisation (e.g. sqrt).
+    in_channels: a channel is also scored by the input slice of the layers it feeds.
+    norm_layers: normalisation-layer parameters carry the score (NN Slimming).
+    compensate(model, plan, state) is called with {module: output indices to remove} just
+        before they are removed (Kron-OBS weight update); `state` is what estimate stored
+        in `Method.state`.
+    options: the names of keyword options `estimate` understands (for clear errors).
+    """
+
+    name: str
+    estimate: Callable[..., ScoreDict]
+    in_channels: bool = True
+    norm_layers: bool = False
+    compensate: Optional[Callable[..., None]] = None
+    finalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    options: Tuple[str, ...] = ()
+    needs_data: bool = True
+    description: str = ""
+    state: dict = field(default_factory=dict)
+
+
+_METHODS: Dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    _METHODS[method.name] = method
+    return method
+
+
+def _load_all() -> None:
+    # Importing the criterion modules registers them; done lazily to keep imports cheap.
+    from . import basic  # noqa: F401
+    for optional in ("oba", "fastoba", "kfac_criteria", "slimming"):
+        try:
+            __import__(f"{__package__}.{optional}")
+        except ModuleNotFoundError as err:  # a criterion module not written yet
+            if err.name != f"{__package__}.{optional}":
+                raise
+
+
+def available_methods() -> Tuple[str, ...]:
+    _load_all()
+    return tuple(sorted(_METHODS))
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    if name not in _METHODS:
+        raise CriterionError(
+            f"unknown importance type '{name}'; choose one of: {', '.join(available_methods())}")
+    return _METHODS[name]
+
+
+def parameter_scores(method: str, model: nn.Module, batches: Iterable[Batch],
+                     criterion: Optional[Callable] = None, **options) -> ScoreDict:
+    """Per-parameter importance of `model`, averaged over `batches`.
+
+    method: a registered criterion name ("Weight", "Taylor", "OBA", "fastOBA", ...).
+    batches: an iterable of (inputs, targets); they are moved to the model's device.
+    criterion: the loss, `loss = criterion(model(inputs), targets)` (default cross-entropy).
+    Returns {name as in model.named_parameters(): tensor of that parameter's shape}; only
+    parameters the criterion scores appear.
+    """
+    spec = get_method(method)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise CriterionError(
+            f"{method} does not take option(s) {', '.join(unknown)}; it takes: "
+            f"{', '.join(spec.options) or 'none'}")
+    loss_fn = criterion if criterion is not None else nn.CrossEntropyLoss()
+    return spec.estimate(model, batches, loss_fn, **options)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def average_batch_scores(model: nn.Module, batches: Iterable[Batch],
+                         per_batch: Callable[[nn.Module, torch.Tensor, torch.Tensor], ScoreDict]
+                         ) -> ScoreDict:
+    """Mean over batches of `per_batch(model, x, y)`; the shared loop of most criteria."""
+    device = model_device(model)
+    total: ScoreDict = {}
+    count = 0
+    for batch in batches:
+        x, y = to_device(batch, device)
+        scores = per_batch(model, x, y)
+        for k, v in scores.items():
+            v = v.detach()
+            total[k] = total[k] + v if k in total else v.clone()
+        count += 1
+    if count == 0:
+        raise CriterionError("no batches were given for importance estimation; "
+                             "pass at least one (inputs, targets) batch")
+    return {k: v / count for k, v in total.items()}
+
+
+class preserved_state:
+    """Context manager: restore every buffer (BatchNorm running statistics, counters) and the
+    train/eval flag of each module on exit, so importance estimation has no side effects."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self._buffers = {k: b.detach().clone() for k, b in self.model.named_buffers()}
+        self._modes = {m: m.training for m in self.model.modules()}
+        return self.model
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for k, b in self.model.named_buffers():
+                if k in self._buffers:
+                    b.copy_(self._buffers[k])
+        for m, mode in self._modes.items():
+            m.training = mode
+        return False

@@ -1,0 +1,114 @@
+"""fastOBA against brute force (float64): order 1 = θ ⊙ g, order 2 = θ ⊙ Hθ, order 3 = the
+third-derivative contraction, over all trainable parameters; options and side effects."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pruners.fastoba import fastoba_batch_scores
+from pruners.registry import CriterionError, parameter_scores
+
+DT = torch.float64
+
+
+class TanhNet(nn.Module):
+    """Smooth (nonzero third derivatives), with a LayerNorm whose parameters fastOBA scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.fc2 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = TanhNet().to(DT)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.3, 0.3)
+    x = torch.randn(6, 3, dtype=DT)
+    y = torch.randint(0, 3, (6,))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    loss_fn = nn.CrossEntropyLoss()
+
+    def loss_of(vec):
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = vec[i:i + math.prod(s)].view(s)
+            i += math.prod(s)
+        return loss_fn(torch.func.functional_call(model, parts, (x,)), y)
+    return model, x, y, loss_fn, names, theta, loss_of
+
+
+def _flat(scores, names):
+    return torch.cat([scores[n].reshape(-1) for n in names])
+
+
+def test_orders_one_two_three_match_brute_force():
+    model, x, y, loss_fn, names, theta, loss_of = _setup()
+    # Brute force with plain autograd (explicit Hessian matrix, then its derivative).
+    # torch.func is avoided here: its second derivatives through F.layer_norm mix up the
+    # weight/input cross terms in this torch release (an asymmetric Hessian; finite
+    # differences agree with plain autograd).
+    grad = torch.func.grad(loss_of)(theta)
+    hess = torch.autograd.functional.hessian(loss_of, theta)
+    contracted = torch.autograd.functional.jacobian(   # Σ_jk ∂³L/∂θ_i∂θ_j∂θ_k θ_j θ_k
+        lambda t: theta @ torch.autograd.functional.hessian(loss_of, t, create_graph=True)
+        @ theta, theta)
+    expected = {1: theta * grad,
+                2: theta * (hess @ theta),
+                3: theta * contracted}
+    for order, want in expected.items():
+        got = _flat(fastoba_batch_scores(model, x, y, loss_fn, order=order), names)
+        assert want.norm() > 1e-4
+        assert (got - want).norm() / want.norm() < 1e-10, order
+    # the first-order term is added for order > 1 only, fastoba_delta scales the k-th term
+    got = _flat(fastoba_batch_scores(model, x, y, loss_fn, order=2, delta=0.5,
+                                     fastoba_delta=3.0), names)
+    assert torch.allclose(got, 3.0 * expected[2] + 0.5 * expected[1], rtol=1e-10, atol=1e-14)
+    got = _flat(fastoba_batch_scores(model, x, y, loss_fn, order=1, delta=0.5,
+                                     fastoba_delta=2.0), names)
+    assert torch.allclose(got, 2.0 * expected[1], rtol=1e-10, atol=1e-14)
+
+
+def test_registry_entry_point_side_effects_and_errors():
+    torch.manual_seed(0)
+
+    class BNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, inp):
+            return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(inp))), 1).flatten(1))
+
+    model = BNNet().train()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 5, 5, generator=g), torch.randint(0, 3, (4,), generator=g))
+               for _ in range(2)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = parameter_scores("fastOBA", model, batches)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.training and all(p.grad is None for p in model.parameters())
+    # all trainable parameters, normalisation ones included, with their shapes
+    assert {n: s.shape for n, s in scores.items()} == \
+        {n: p.shape for n, p in model.named_parameters()}
+    per_batch = [fastoba_batch_scores(model, bx, by, nn.CrossEntropyLoss()) for bx, by in batches]
+    for n in scores:
+        assert torch.allclose(scores[n], (per_batch[0][n] + per_batch[1][n]) / 2,
+                              rtol=1e-5, atol=1e-8)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(CriterionError, match="order"):
+            parameter_scores("fastOBA", model, batches, order=bad)
+    with pytest.raises(CriterionError, match="upward_delta"):
+        parameter_scores("fastOBA", model, batches, upward_delta=1.0)

@@ -1,0 +1,266 @@
+"""K-FAC statistics and the four K-FAC criteria against explicit per-example formulas."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pruners import kfac
+from pruners.kfac_criteria import (apply_obs_update, c_obd_scores, c_obs_scores,
+                                   kron_obd_scores, kron_obs_compensate, kron_obs_scores,
+                                   obd_obs_loss_change, obs_removal_update, KRON_OBS)
+from pruners.registry import get_method, parameter_scores
+
+torch.set_default_dtype(torch.float64)
+
+
+class LinearNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x)), inplace=True).flatten(1))
+
+
+def _bn_with_stats(net):
+    net.bn.running_mean.uniform_(-0.5, 0.5)
+    net.bn.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def explicit_patches(conv, x):
+    """im2col by explicit slicing of the zero-padded input: (positions, in·kh·kw)."""
+    ph, pw = conv.padding
+    xp = F.pad(x, (pw, pw, ph, ph))
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    out_h = (xp.shape[-2] - kh) // sh + 1
+    out_w = (xp.shape[-1] - kw) // sw + 1
+    rows = []
+    for i in range(out_h):
+        for j in range(out_w):
+            rows.append(xp[:, i * sh:i * sh + kh, j * sw:j * sw + kw].reshape(-1))
+    return torch.stack(rows)
+
+
+def explicit_statistics(model, layer, x, y, patches_fn):
+    """A, S and the per-example diagonal Fisher by loops over single examples."""
+    A = S = Fd = 0
+    positions = 0
+    for n in range(x.shape[0]):
+        captured = {}
+        handle = layer.register_forward_hook(lambda m, i, o: captured.update(a=i[0], z=o))
+        loss = F.cross_entropy(model(x[n:n + 1]), y[n:n + 1])
+        handle.remove()
+        z = captured["z"]
+        s = torch.autograd.grad(loss, z, retain_graph=True)[0][0]          # per-example loss
+        a = patches_fn(captured["a"][0].detach())                          # (P, d)
+        if layer.bias is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1)], 1)
+        s = s.reshape(s.shape[0], -1).t() if s.dim() == 3 else s.reshape(1, -1)   # (P, out)
+        A = A + a.t() @ a
+        positions += a.shape[0]
+        S = S + s.t() @ s
+        grads = torch.autograd.grad(loss, [layer.weight] + ([layer.bias] if layer.bias is not None else []))
+        g = grads[0].reshape(grads[0].shape[0], -1)
+        if layer.bias is not None:
+            g = torch.cat([g, grads[1].reshape(-1, 1)], 1)
+        Fd = Fd + g ** 2
+    return A / positions, S / x.shape[0], Fd / x.shape[0]
+
+
+def test_linear_statistics_match_explicit_formulas():
+    torch.manual_seed(0)
+    net = LinearNet()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    stats = kfac.collect_kfac_statistics(net, [(x[:4], y[:4]), (x[4:], y[4:])], nn.CrossEntropyLoss(),
+                                         fisher_type="empirical", channel_input=True, diagonal=True)
+    for name, layer in (("fc1", net.fc1), ("fc2", net.fc2)):
+        A, S, Fd = explicit_statistics(net, layer, x, y, lambda a: a.reshape(1, -1))
+        assert torch.allclose(stats[name].A, A, atol=1e-12)
+        assert torch.allclose(stats[name].S, S, atol=1e-12)
+        assert torch.allclose(stats[name].fisher_diag, Fd, atol=1e-12)
+        d = layer.in_features
+        assert torch.allclose(stats[name].A_channels, A[:d, :d], atol=1e-12)
+    # the diagonal Fisher is exactly the per-example one; K-FAC is exact on its diagonal only
+    # in expectation, so only the shapes are compared here
+    assert stats["fc1"].A.shape == (5, 5) and stats["fc2"].A.shape == (5, 5)
+
+
+def test_conv_statistics_match_explicit_formulas():
+    torch.manual_seed(1)
+    net = _bn_with_stats(ConvNet())
+    x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 4, (3,))
+    stats = kfac.collect_kfac_statistics(net, [(x, y)], nn.CrossEntropyLoss(),
+                                         fisher_type="empirical", channel_input=True, diagonal=True)
+    net.eval()
+    A, S, Fd = explicit_statistics(net, net.conv, x, y, lambda a: explicit_patches(net.conv, a))
+    st = stats["conv"]
+    assert st.A.shape == (2 * 9 + 1, 2 * 9 + 1)
+    assert torch.allclose(st.A, A, atol=1e-12)
+    assert torch.allclose(st.S, S, atol=1e-12)
+    assert torch.allclose(st.fisher_diag, Fd, atol=1e-12)
+    channels = x.permute(0, 2, 3, 1).reshape(-1, 2)
+    assert torch.allclose(st.A_channels, channels.t() @ channels / channels.shape[0], atol=1e-12)
+
+
+def test_true_fisher_uses_sampled_targets():
+    torch.manual_seed(2)
+    net = LinearNet()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    torch.manual_seed(5)
+    true_stats = kfac.collect_kfac_statistics(net, [(x, y)], nn.CrossEntropyLoss())
+    torch.manual_seed(5)
+    sampled = kfac.sample_targets(net(x))
+    emp = kfac.collect_kfac_statistics(net, [(x, sampled)], nn.CrossEntropyLoss(),
+                                       fisher_type="empirical")
+    assert torch.allclose(true_stats["fc1"].S, emp["fc1"].S)
+    with pytest.raises(ValueError, match="fisher_type"):
+        kfac.collect_kfac_statistics(net, [(x, y)], nn.CrossEntropyLoss(), fisher_type="exact")
+
+
+def test_collection_leaves_buffers_modes_and_grads_alone():
+    torch.manual_seed(3)
+    net = _bn_with_stats(ConvNet()).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = torch.randn(4, 2, 5, 5), torch.randint(0, 4, (4,))
+    kfac.collect_kfac_statistics(net, [(x, y)], nn.CrossEntropyLoss(), diagonal=True)
+    assert net.training and net.bn.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in net.parameters())
+    assert not net.conv._forward_hooks and not net.fc._forward_hooks
+
+
+def _factors(seed=4):
+    torch.manual_seed(seed)
+    net = _bn_with_stats(ConvNet())
+    batches = [(torch.randn(4, 2, 5, 5), torch.randint(0, 4, (4,))) for _ in range(2)]
+    stats = kfac.collect_kfac_statistics(net, batches, nn.CrossEntropyLoss(), fisher_type="empirical",
+                                         diagonal=True)
+    return net, batches, stats
+
+
+def _theta(layer):
+    return kfac.weight_matrix(layer).detach()
+
+
+def _as_matrix(scores, name, layer):
+    w = scores[f"{name}.weight"].reshape(layer.weight.shape[0], -1)
+    return torch.cat([w, scores[f"{name}.bias"].reshape(-1, 1)], 1)
+
+
+@pytest.mark.parametrize("method", ["Kron-OBD", "Kron-OBS", "C-OBD", "C-OBS"])
+def test_criteria_match_explicit_kronecker_formulas(method):
+    net, batches, stats = _factors()
+    damping = 1e-2
+    options = {"fisher_type": "empirical"}
+    if method != "Kron-OBD":
+        options["damping"] = damping
+    scores = parameter_scores(method, net, batches, **options)
+    for name, layer in (("conv", net.conv), ("fc", net.fc)):
+        st = stats[name]
+        theta = _theta(layer)
+        A, S = st.A, st.S
+        Ad, Sd = kfac.damped(A, damping), kfac.damped(S, damping)
+        got = _as_matrix(scores, name, layer)
+        assert got.shape == theta.shape
+        if method == "C-OBD":
+            expected = theta ** 2 * st.fisher_diag
+        elif method == "C-OBS":
+            F_inv = torch.kron(torch.linalg.inv(Sd), torch.linalg.inv(Ad))   # row-major vec(θ)
+            expected = theta ** 2 / torch.diagonal(F_inv).reshape(theta.shape)
+        else:
+            Sfull = S if method == "Kron-OBD" else Sd
+            Afull = A if method == "Kron-OBD" else Ad
+            Fm = torch.kron(Sfull, Afull)
+            filters = []
+            for i in range(theta.shape[0]):
+                block = slice(i * theta.shape[1], (i + 1) * theta.shape[1])
+                quad = theta[i] @ Fm[block, block] @ theta[i]      # S_ii θ_iᵀAθ_i
+                if method == "Kron-OBD":
+                    filters.append(0.5 * quad)
+                else:
+                    filters.append(0.5 * quad / Sfull[i, i] / torch.linalg.inv(Sfull)[i, i])
+            expected = torch.stack(filters)
+            got = got.sum(1)
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-14), (method, name)
+
+
+def test_kron_obs_update_equals_explicit_obs_step():
+    net, batches, stats = _factors()
+    damping = 1e-2
+    parameter_scores("Kron-OBS", net, batches, fisher_type="empirical", damping=damping)
+    state = KRON_OBS.state
+    theta = _theta(net.conv)
+    Ad, Sd = kfac.damped(stats["conv"].A, damping), kfac.damped(stats["conv"].S, damping)
+    # explicit OBS on vec(θ) (row-major) with F = S ⊗ A, removing all entries of filters P
+    P = [0, 2]
+    F_inv = torch.linalg.inv(torch.kron(Sd, Ad))
+    d = theta.shape[1]
+    idx = torch.tensor([i * d + j for i in P for j in range(d)])
+    vec = theta.reshape(-1)
+    delta = -F_inv[:, idx] @ torch.linalg.solve(F_inv[idx][:, idx], vec[idx])
+    expected = (vec + delta).reshape(theta.shape)
+    get_method("Kron-OBS").compensate(net, {net.conv: P}, state)
+    assert torch.allclose(_theta(net.conv), expected, atol=1e-10)
+    assert torch.all(_theta(net.conv)[P] == 0)
+    # single filter: −S⁻¹e_i ⊗ θ_i / [S⁻¹]_ii
+    S_inv = torch.linalg.inv(Sd)
+    one = obs_removal_update(theta, S_inv, [1])
+    assert torch.allclose(one, -torch.outer(S_inv[:, 1], theta[1]) / S_inv[1, 1])
+
+
+def test_kron_obs_update_can_be_switched_off():
+    net, batches, _ = _factors()
+    parameter_scores("Kron-OBS", net, batches, fisher_type="empirical", obs_update=False)
+    before = _theta(net.conv).clone()
+    kron_obs_compensate(net, {net.conv: [0]}, KRON_OBS.state)
+    assert torch.equal(_theta(net.conv), before)
+
+
+def test_unknown_option_and_bad_damping_are_user_errors():
+    net, batches, _ = _factors()
+    with pytest.raises(ValueError, match="does not take"):
+        parameter_scores("C-OBS", net, batches, order=2)
+    with pytest.raises(ValueError, match="damping"):
+        parameter_scores("C-OBS", net, batches, damping=0)
+
+
+def test_scores_leave_model_unchanged():
+    net, batches, _ = _factors()
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for method in ("C-OBD", "C-OBS", "Kron-OBD", "Kron-OBS"):
+        parameter_scores(method, net, batches)
+    assert net.training
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_worked_example_obs_wins_for_one_obd_for_two():
+    theta = torch.tensor([1.0, 1.0, 1.0])
+    H = torch.tensor([[1.0, 0.99, 0.0], [0.99, 1.0, 0.01], [0.0, 0.01, 0.5]])
+    one = obd_obs_loss_change(theta, H, 1)
+    assert one["obd_removed"] == [2] and one["obs_removed"] in ([0], [1])
+    assert one["obs_loss_change"] < one["obd_loss_change"]
+    assert one["obd_loss_change"] == pytest.approx(0.25)
+    two = obd_obs_loss_change(theta, H, 2)
+    assert two["obs_removed"] == [0, 1]
+    assert two["obd_loss_change"] < two["obs_loss_change"]
+    # brute force: the OBS loss change is the minimum over the surviving weight
+    w3 = torch.linspace(-2, 3, 50001)
+    deltas = torch.stack([-torch.ones_like(w3), -torch.ones_like(w3), w3 - 1], 1)
+    brute = (0.5 * torch.einsum("ni,ij,nj->n", deltas, H, deltas)).min()
+    assert two["obs_loss_change"] == pytest.approx(float(brute), abs=1e-6)

@@ -1,0 +1,165 @@
+"""Argument parsing shared by the scripts, and the error boundary that turns bad input into one line.
+
+The flag names are the public interface (DESIGN.md §1); scripts add only what is theirs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, List, Optional
+
+import torch
+
+_OUR_PACKAGES = ("utils", "models", "pruners")
+
+
+class UsageError(ValueError):
+    """Bad command-line input; one line for the user."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    return _Parser(description=description,
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
+               default_dataset: str = "digits") -> None:
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default=default_dataset,
+                   help="digits (embedded), cifar10, cifar100, tiny_imagenet, imagenet")
+    g.add_argument("--data_root", default=None, help="dataset folder (overrides dataset.yaml)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                   help="download CIFAR when missing (needs internet)")
+    g.add_argument("--model", default=default_model, help="network name (see models.available_models)")
+    g.add_argument("--weights", default=None,
+                   help="torchvision weights name or local file for resnet50 / vit_b_16")
+    g.add_argument("--batch_size", type=int, default=128)
+    g.add_argument("--eval_batch_size", type=int, default=None)
+    g.add_argument("--num_workers", type=int, default=0)
+    g.add_argument("--val_fraction", type=float, default=0.1,
+                   help="fraction of the training set held out to pick checkpoints")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output_dir", default=None, help="where results and pruned models go")
+    g.add_argument("--save_path_prefix", default="checkpoints",
+                   help="folder of dense (pretrained) checkpoints: <prefix>/<dataset>_<model>.pth")
+    g.add_argument("--pretrained", default=None,
+                   help="dense checkpoint to start from (default: the one under --save_path_prefix)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="continue interrupted training / fine-tuning from the last epoch checkpoint")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bars")
+
+    g = p.add_argument_group("dense training")
+    g.add_argument("--num_epochs", type=int, default=200)
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--milestones", type=int, nargs="+", default=None,
+                   help="epochs at which the lr drops by --lr_gamma (default: 50%% and 75%%)")
+    g.add_argument("--lr_gamma", type=float, default=0.1)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight_decay", type=float, default=5e-4)
+    g.add_argument("--sparsity_l1", type=float, default=0.0,
+                   help="L1 penalty on BatchNorm scales while training the dense model (NN Slimming)")
+
+    g = p.add_argument_group("fine-tuning after pruning")
+    g.add_argument("--sl_num_epochs", type=int, default=40)
+    g.add_argument("--sl_lr", type=float, default=0.01)
+    g.add_argument("--sl_milestones", type=int, nargs="+", default=None,
+                   help="fine-tuning lr drops (default: 50%% and 75%%)")
+    g.add_argument("--sl_weight_decay", type=float, default=5e-4)
+
+
+def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA") -> None:
+    g = p.add_argument_group("pruning")
+    g.add_argument("--importance_type", default=default_importance,
+                   help="OBA, fastOBA, Weight, Taylor, Random, C-OBD, C-OBS, Kron-OBD, Kron-OBS, "
+                        "Eigen, Slim")
+    g.add_argument("--iterative_steps", type=int, default=16,
+                   help="pruning steps of the exponential schedule to reach a target")
+    g.add_argument("--iters_per_step", type=int, default=10,
+                   help="batches used to estimate importance at every step")
+    g.add_argument("--max_pruning_ratio", type=float, default=0.95,
+                   help="no layer loses more than this fraction of its original channels")
+    g.add_argument("--normalizer", default="max",
+                   help="per-group score normalisation: max, mean, sum, standardization, none")
+    g.add_argument("--multivariable", action=argparse.BooleanOptionalAction, default=True,
+                   help="channel score = |sum of its parameters' scores| (removed together); "
+                        "--no-multivariable sums absolute per-parameter scores")
+    g = p.add_argument_group("criterion options")
+    g.add_argument("--delta", type=float, default=0.0, help="weight of the first-order term g*theta")
+    g.add_argument("--upward_delta", type=float, default=1.0, help="OBA: scale of upward terms")
+    g.add_argument("--downward_delta", type=float, default=1.0, help="OBA: scale of downward terms")
+    g.add_argument("--parallel_delta", type=float, default=1.0, help="OBA: scale of parallel terms")
+    g.add_argument("--order", type=int, default=2, help="fastOBA: order k of the Taylor term")
+    g.add_argument("--fastoba_delta", type=float, default=1.0, help="fastOBA: scale of the k-th term")
+    g.add_argument("--fisher_type", default="true", help="K-FAC methods: true or empirical Fisher")
+    g.add_argument("--damping", type=float, default=1e-3, help="K-FAC damping")
+    g.add_argument("--obs_update", action=argparse.BooleanOptionalAction, default=True,
+                   help="Kron-OBS: apply the compensating update to the remaining filters")
+    g.add_argument("--depthwise", action=argparse.BooleanOptionalAction, default=False,
+                   help="Eigen: depthwise-separable decomposition of the bottleneck core")
+    g.add_argument("--prune_heads", action=argparse.BooleanOptionalAction, default=False,
+                   help="attention: remove whole heads")
+
+
+def method_options(args, method) -> dict:
+    """The criterion options the chosen method understands, taken from the parsed flags."""
+    return {name: getattr(args, name) for name in method.options if hasattr(args, name)}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for CUDA but no GPU is available; use --device cpu")
+    return dev
+
+
+def check_ratios(ratios: List[float], decreasing: bool = False, flag: str = "--ops_ratios") -> None:
+    for r in ratios:
+        if not 0.0 < r <= 1.0:
+            raise UsageError(f"{flag} value {r} is out of range; give fractions in (0, 1] "
+                             "(0.14 keeps 14 %)")
+    if decreasing and any(b >= a for a, b in zip(ratios, ratios[1:])):
+        raise UsageError(f"{flag} must be strictly decreasing for iterative pruning, "
+                         f"got {' '.join(map(str, ratios))}")
+
+
+def default_milestones(epochs: int, given: Optional[List[int]]) -> List[int]:
+    if given:
+        return sorted(given)
+    return sorted({max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75))})
+
+
+def _is_user_error(err: BaseException) -> bool:
+    mod = type(err).__module__.split(".")[0]
+    return isinstance(err, ValueError) and (mod in _OUR_PACKAGES or mod == "__main__")
+
+
+def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> None:
+    """Run a script's main(); bad input -> one line on stderr and exit 2, Ctrl-C -> exit 130."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; run again with --resume to continue", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - only our own user errors are turned into one line
+        if _is_user_error(err):
+            print(f"{prog}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    sys.exit(code or 0)
