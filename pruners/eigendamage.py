@@ -32,7 +32,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -121,7 +121,8 @@ def _core_like(template: nn.Module, weight: torch.Tensor, depthwise: bool = Fals
 
 def eigen_layers(model: nn.Module, ignored: Iterable[LayerRef] = ()) -> Dict[str, nn.Module]:
     """{name: module} of every layer EigenDamage can re-parameterise: conv (ungrouped) and
-    linear layers, and existing non-depthwise bottlenecks (their parts are not listed)."""
+    linear layers, and existing non-depthwise bottlenecks (their parts are not listed).
+    Layers inside nn.MultiheadAttention are left out."""
     skip_names = {x for x in ignored if isinstance(x, str)}
     skip_ids = {id(x) for x in ignored if isinstance(x, nn.Module)}
     found: Dict[str, nn.Module] = {}
@@ -131,6 +132,8 @@ def eigen_layers(model: nn.Module, ignored: Iterable[LayerRef] = ()) -> Dict[str
             full = prefix + name
             if full in skip_names or id(child) in skip_ids:
                 continue
+            if isinstance(child, nn.MultiheadAttention):
+                continue  # it reads its projections' weights directly; they must stay Linear
             if isinstance(child, EigenBottleneck):
                 if not child.depthwise:
                     found[full] = child
@@ -295,16 +298,6 @@ def _check_ratios(prune_ratio: float, max_pruning_ratio: float) -> None:
             f"--max_pruning_ratio must lie in (0, 1) (got {max_pruning_ratio}); e.g. 0.95")
 
 
-@dataclass
-class _Candidate:
-    """One scored direction: layer name, side ('in'/'out'), index, score."""
-
-    layer: str
-    side: str
-    index: int
-    score: float
-
-
 class _PrunePlan:
     """Everything about a network's pruning that does not depend on the ratio."""
 
@@ -315,8 +308,8 @@ class _PrunePlan:
         scores, layer_ids, sides, indices = [], [], [], []
         for layer_id, name in enumerate(sorted(stats.layers)):
             if name not in modules:
-                raise EigenDamageError(f"statistics name layer '{name}' that the model lacks; "
-                                       "collect them on this model")
+                raise EigenDamageError(f"the statistics name a layer '{name}' that the model "
+                                       "lacks; collect them on this model")
             module = modules[name]
             basis = stats.eigenbasis(name, module)
             self.layers[name] = (basis, _layer_form(module))
@@ -337,7 +330,7 @@ class _PrunePlan:
                                                         torch.cat(indices))
         else:
             self.scores = torch.zeros(0)
-            self.order = torch.zeros(0, dtype=torch.long)
+            self.order = self.layer_ids = self.sides = self.indices = torch.zeros(0, dtype=torch.long)
 
     @property
     def total(self) -> int:
@@ -373,8 +366,10 @@ def _bottleneck_params(form: _LayerForm, r_in: int, r_out: int, width_in: int,
 
 
 def _build(basis: EigenLayer, form: _LayerForm, keep_in: torch.Tensor, keep_out: torch.Tensor,
-           depthwise: bool, cp_rank: Optional[int], allow_growth: bool) -> Optional[nn.Module]:
-    """The bottleneck for one layer, or None to leave the layer as it is."""
+           depthwise: bool, cp_rank: Optional[int], allow_growth: bool,
+           exact: bool = True) -> Optional[nn.Module]:
+    """The bottleneck for one layer, or None to leave the layer as it is. exact=False skips
+    the CP decomposition (zero depthwise factors of the right shapes), for counting MACs."""
     device = form.core.device
     keep_in, keep_out = keep_in.to(device), keep_out.to(device)
     q_a = basis.Q_A[:, keep_in]                     # (in, r_in)
@@ -392,7 +387,10 @@ def _build(basis: EigenLayer, form: _LayerForm, keep_in: torch.Tensor, keep_out:
         dw_params = rank * width_in + rank * kernel + width_out * rank + (
             0 if form.bias is None else width_out)
         if allow_growth or (dw_params <= plain_params and dw_params <= form.params):
-            out_f, in_f, kern_f = cp_decompose(core.reshape(core.shape[0], core.shape[1], -1), rank)
+            if exact:
+                out_f, in_f, kern_f = cp_decompose(core.reshape(core.shape[0], core.shape[1], -1), rank)
+            else:
+                out_f, in_f, kern_f = (core.new_zeros(n, rank) for n in (core.shape[0], core.shape[1], kernel))
             dw_weight = kern_f.t().reshape(rank, 1, *core.shape[2:])
             return _assemble(in_f.t() @ rot_in, dw_weight, rot_out @ out_f, form, depthwise=True)
 
@@ -418,14 +416,14 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _apply(model: nn.Module, plan: _PrunePlan, n_remove: int, depthwise: bool,
-           cp_rank: Optional[int], allow_growth: bool) -> nn.Module:
+           cp_rank: Optional[int], allow_growth: bool, exact: bool = True) -> nn.Module:
     pruned = copy.deepcopy(model)
     for name, (keep_in, keep_out) in plan.kept(n_remove).items():
         basis, form = plan.layers[name]
         unchanged = len(keep_in) == len(basis.in_scores) and len(keep_out) == len(basis.out_scores)
         if unchanged and form.rotate_in is not None and not depthwise:
             continue  # an existing bottleneck with nothing removed: already in its best form
-        module = _build(basis, form, keep_in, keep_out, depthwise, cp_rank, allow_growth)
+        module = _build(basis, form, keep_in, keep_out, depthwise, cp_rank, allow_growth, exact)
         if module is not None:
             old = pruned.get_submodule(name)
             module.train(old.training)
@@ -486,25 +484,25 @@ def prune_to_macs_target(model: nn.Module, batches: Iterable[Batch], loss_fn: Ca
     plan = _PrunePlan(model, stats, name, max_pruning_ratio)
     macs_before = macs_counter(model, example_inputs)
 
-    cache: Dict[int, Tuple[nn.Module, int]] = {}
+    cache: Dict[int, int] = {}
 
-    def attempt(n: int) -> Tuple[nn.Module, int]:
+    def attempt(n: int) -> int:
+        """MACs after removing n directions (shapes only: no CP decomposition needed)."""
         if n not in cache:
-            candidate = _apply(model, plan, n, depthwise, cp_rank, allow_growth=False)
-            cache.clear()  # keep one network in memory at a time
-            cache[n] = (candidate, macs_counter(candidate, example_inputs))
+            candidate = _apply(model, plan, n, depthwise, cp_rank, allow_growth=False, exact=False)
+            cache[n] = macs_counter(candidate, example_inputs)
         return cache[n]
 
     def fits(macs: int) -> bool:
         return macs <= target_ops_ratio * macs_before
 
-    _, most_macs = attempt(plan.total)
+    most_macs = attempt(plan.total)
     if not fits(most_macs):
         raise EigenDamageError(
             f"EigenDamage reached only {most_macs / macs_before:.4f} of the MACs (target "
             f"{target_ops_ratio}) at max_pruning_ratio {max_pruning_ratio}; raise "
             "--max_pruning_ratio or lower the target")
-    if fits(attempt(0)[1]):
+    if fits(attempt(0)):
         best_n = 0
     else:
         # Invariant: removing `lo` directions misses the target, removing `hi` meets it.
@@ -512,12 +510,13 @@ def prune_to_macs_target(model: nn.Module, batches: Iterable[Batch], loss_fn: Ca
         slack = max(1, int(tolerance * plan.total))
         while hi - lo > slack:
             mid = (lo + hi) // 2
-            if fits(attempt(mid)[1]):
+            if fits(attempt(mid)):
                 hi = mid
             else:
                 lo = mid
         best_n = hi
-    best, best_macs = attempt(best_n)
+    best = _apply(model, plan, best_n, depthwise, cp_rank, allow_growth=False)
+    best_macs = macs_counter(best, example_inputs)
     info = {
         "prune_ratio": best_n / plan.total if plan.total else 0.0,
         "removed_directions": best_n,
@@ -536,7 +535,7 @@ def prune_to_macs_target(model: nn.Module, batches: Iterable[Batch], loss_fn: Ca
 # ---------------------------------------------------------------------------------------------
 # CP decomposition for the depthwise core
 
-def cp_decompose(tensor: torch.Tensor, rank: int, iterations: int = 1000, tol: float = 1e-9,
+def cp_decompose(tensor: torch.Tensor, rank: int, iterations: int = 1000, tol: float = 1e-8,
                  seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CP/PARAFAC by alternating least squares, in float64:
     tensor[o, i, k] ≈ Σ_r V[o, r] U[i, r] D[k, r]. Returns (V, U, D).

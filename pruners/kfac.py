@@ -27,7 +27,7 @@ the gradients are taken with torch.autograd.grad, so no parameter's .grad is tou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -172,8 +172,12 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """im2col patches (N, positions, in·kh·kw) in the order of weight.view(out, -1)."""
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     x = F.pad(x, _conv_padding(module), mode=mode)
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-    return cols.transpose(1, 2)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    # Sliding windows as views (N, C, oh, ow, kh, kw); cheaper than F.unfold plus a transpose.
+    windows = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)
+    windows = windows[..., ::dh, ::dw]
+    n, c, oh, ow = windows.shape[:4]
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(n, oh * ow, c * kh * kw)
 
 
 def _input_samples(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -232,7 +236,7 @@ class _Accumulator:
         if not (self.full_input or self.diagonal):
             return
         # Unfold a few examples at a time to bound memory.
-        per_example = max(1, _input_samples(self.module, x[:1]).numel())
+        per_example = max(1, s_all.shape[1] * (self.module.weight[0].numel() + 1))
         step = max(1, _CHUNK_ELEMENTS // per_example)
         for start in range(0, n, step):
             a = _input_samples(self.module, x[start:start + step])
@@ -253,15 +257,14 @@ class _Accumulator:
         step = max(1, _CHUNK_ELEMENTS // (out_dim * in_dim))
         total = None
         for start in range(0, a.shape[0], step):
-            g = torch.einsum("npo,npi->noi", s[start:start + step], a[start:start + step])
+            g = torch.bmm(s[start:start + step].transpose(1, 2), a[start:start + step])
             part = (g * g).sum(0)
             total = part if total is None else total + part
         return total
 
-    def result(self, examples: int) -> LayerStatistics:
-        if self.S is None:
-            raise CriterionError("a K-FAC layer was never reached by the forward pass; "
-                                 "pass it in `ignored` or check the model's forward")
+    def result(self, examples: int) -> Optional[LayerStatistics]:
+        if self.S is None:  # never called as a module (e.g. MultiheadAttention's out_proj)
+            return None
         return LayerStatistics(
             S=self.S / examples,
             A=self.A / self.positions if self.A is not None else None,
@@ -283,6 +286,8 @@ def collect_kfac_statistics(model: nn.Module, batches: Iterable[Batch], loss_fn:
         results. full_input: collect A (im2col, bias 1); channel_input: collect A_channels;
         diagonal: collect the per-example-gradient diagonal Fisher.
     loss_fn(outputs, targets) must average over the batch (see the module note on scaling).
+    Layers whose forward is never called as a module (MultiheadAttention reads its out_proj
+    weights directly) are left out of the result.
     """
     check_fisher_type(fisher_type)
     if layers is None:
@@ -302,7 +307,8 @@ def collect_kfac_statistics(model: nn.Module, batches: Iterable[Batch], loss_fn:
     if examples == 0:
         raise CriterionError("no batches were given for K-FAC estimation; "
                              "pass at least one (inputs, targets) batch")
-    return {key: acc.result(examples) for key, acc in accumulators.items()}
+    results = {key: acc.result(examples) for key, acc in accumulators.items()}
+    return {key: st for key, st in results.items() if st is not None}
 
 
 def _accumulate_batch(model, layers, accumulators, x, y, loss_fn, fisher_type) -> None:

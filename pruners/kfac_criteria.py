@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .kfac import (LayerStatistics, collect_kfac_statistics, damped, kfac_layers,
+from .kfac import (LayerStatistics, collect_kfac_statistics, damped,
                    matrix_to_parameters, named_matrix_scores, spd_inverse, weight_matrix)
 from .registry import Batch, CriterionError, Method, ScoreDict, register
 

@@ -258,11 +258,16 @@ def test_depthwise_used_only_where_it_saves_parameters():
     torch.manual_seed(5)
     model = _randomise_bn(SmallVGG())
     stats = collect_eigen_statistics(model, _batches(), LOSS)
-    pruned = eigendamage_prune(model, stats, 0.5, depthwise=True)
-    for m in pruned.modules():
-        if isinstance(m, EigenBottleneck):
-            assert m.depthwise or isinstance(m.core, nn.Linear) or m.core.kernel_size == (3, 3)
-    assert count_params(pruned) <= count_params(model)
+    plain = eigendamage_prune(model, stats, 0.5)
+    dw = eigendamage_prune(model, stats, 0.5, depthwise=True)
+
+    def params(net, name):
+        return sum(p.numel() for p in net.get_submodule(name).parameters())
+    depthwise = [n for n, m in dw.named_modules() if isinstance(m, EigenBottleneck) and m.depthwise]
+    assert depthwise
+    for name in depthwise:
+        assert params(dw, name) <= min(params(plain, name), params(model, name))
+    assert count_params(dw) <= count_params(plain) < count_params(model)
 
 
 def test_prune_to_macs_target_and_unreachable_target():
@@ -283,6 +288,12 @@ def test_prune_to_macs_target_and_unreachable_target():
     assert count_macs(fewer, example) > 0.5 * full
     with pytest.raises(EigenDamageError, match="max_pruning_ratio"):
         prune_to_macs_target(model, batches, LOSS, example, 0.001, max_pruning_ratio=0.5)
+    # depthwise: the search counts shapes only; the final network gets its CP factors
+    dw, info = prune_to_macs_target(model, batches, LOSS, example, 0.5, classifier=model.fc,
+                                    depthwise=True)
+    assert info["macs_after"] == count_macs(dw, example) <= 0.5 * full
+    depthwise = [m for m in dw.modules() if isinstance(m, EigenBottleneck) and m.depthwise]
+    assert depthwise and all(m.core.weight.abs().sum() > 0 for m in depthwise)
 
 
 def test_eigen_parameter_scores_total_equals_theta():
@@ -295,3 +306,19 @@ def test_eigen_parameter_scores_total_equals_theta():
         weight = model.get_submodule(name).weight
         assert scores[f"{name}.weight"].shape == weight.shape
         assert torch.allclose(scores[f"{name}.weight"].sum(), _theta(stats, name, weight).sum(), rtol=1e-8)
+
+
+def test_vision_transformer_keeps_attention_projections():
+    from torchvision.models.vision_transformer import VisionTransformer
+    torch.manual_seed(8)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,
+                              mlp_dim=16, num_classes=5).eval()
+    nn.init.normal_(model.heads.head.weight)
+    batches = _batches(shape=(3, 16, 16))
+    stats = collect_eigen_statistics(model, batches, LOSS)
+    assert not any("self_attention" in name for name in stats.layers)
+    rebuilt = eigendamage_prune(model, stats, 0.0, allow_growth=True)
+    assert isinstance(rebuilt.encoder.layers[0].mlp[0], EigenBottleneck)
+    assert type(rebuilt.encoder.layers[0].self_attention.out_proj) is type(model.encoder.layers[0].self_attention.out_proj)
+    x = batches[0][0]
+    assert torch.allclose(rebuilt(x), model(x), atol=1e-5)

@@ -5,9 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pruners import kfac
-from pruners.kfac_criteria import (apply_obs_update, c_obd_scores, c_obs_scores,
-                                   kron_obd_scores, kron_obs_compensate, kron_obs_scores,
-                                   obd_obs_loss_change, obs_removal_update, KRON_OBS)
+from pruners.kfac_criteria import (KRON_OBS, kron_obs_compensate, obd_obs_loss_change,
+                                   obs_removal_update)
 from pruners.registry import get_method, parameter_scores
 
 torch.set_default_dtype(torch.float64)
@@ -55,6 +54,18 @@ def explicit_patches(conv, x):
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    (3, 1, 1, 1), (3, 2, 0, 1), ((3, 2), (2, 1), (1, 0), (2, 1)), (1, 1, 0, 1), (3, 1, "same", 2)])
+def test_conv_patches_match_unfold(kernel, stride, padding, dilation):
+    conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(2, 2, 7, 6)
+    patches = kfac.conv_patches(conv, x)
+    # the patches reproduce the convolution itself
+    out = patches @ conv.weight.reshape(3, -1).t() + conv.bias
+    expected = conv(x).flatten(2).transpose(1, 2)
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
 def explicit_statistics(model, layer, x, y, patches_fn):
     """A, S and the per-example diagonal Fisher by loops over single examples."""
     A = S = Fd = 0
@@ -94,9 +105,7 @@ def test_linear_statistics_match_explicit_formulas():
         assert torch.allclose(stats[name].fisher_diag, Fd, atol=1e-12)
         d = layer.in_features
         assert torch.allclose(stats[name].A_channels, A[:d, :d], atol=1e-12)
-    # the diagonal Fisher is exactly the per-example one; K-FAC is exact on its diagonal only
-    # in expectation, so only the shapes are compared here
-    assert stats["fc1"].A.shape == (5, 5) and stats["fc2"].A.shape == (5, 5)
+    assert stats["fc1"].A.shape == (5, 5) and stats["fc2"].A.shape == (5, 5)   # fc1 has a bias
 
 
 def test_conv_statistics_match_explicit_formulas():
