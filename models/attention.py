@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import ModelError
 
-__all__ = ["SplitAttention", "convert_attention", "from_multihead"]
+__all__ = ["SplitAttention", "convert_attention", "from_multihead", "refresh_width_attributes"]
 
 
 def _keep_rows(layer: nn.Linear, keep: torch.Tensor) -> None:
@@ -161,8 +161,9 @@ class SplitAttention(nn.Module):
                              f"(got {[len(d) for d in per_head]} for {self.num_heads} heads)")
         if counts.pop() >= width:
             raise ValueError(f"cannot remove all {width} dims of a head; keep at least one")
-        keep = [h * width + j for h, dims in enumerate(per_head)
-                for j in range(width) if j not in set(int(i) for i in dims)]
+        removed = [set(int(i) for i in dims) for dims in per_head]
+        keep = [h * width + j for h in range(self.num_heads) for j in range(width)
+                if j not in removed[h]]
         return torch.as_tensor(keep, dtype=torch.long, device=self.q_proj.weight.device)
 
     def remove_qk_dims(self, per_head: Sequence[Sequence[int]]) -> None:
@@ -252,4 +253,18 @@ def convert_attention(model: nn.Module) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, from_multihead(mha))
+    return model
+
+
+def refresh_width_attributes(model: nn.Module) -> nn.Module:
+    """Update the plain-int width attributes that some modules keep and read in forward, after
+    structural pruning changed the tensors underneath (torchvision's VisionTransformer reshapes
+    its patch embedding with `self.hidden_dim`; its encoder blocks record `num_heads`)."""
+    for module in model.modules():
+        token = getattr(module, "class_token", None)
+        if isinstance(token, torch.Tensor) and isinstance(getattr(module, "hidden_dim", None), int):
+            module.hidden_dim = token.shape[-1]
+        attention = getattr(module, "self_attention", None)
+        if isinstance(attention, SplitAttention) and isinstance(getattr(module, "num_heads", None), int):
+            module.num_heads = attention.num_heads
     return model

@@ -18,8 +18,9 @@ def _scored_parameters(model: nn.Module):
 
 
 def _weight_scores(model, batches, loss_fn):
-    # Squared magnitude: its per-channel sum is the squared L2 norm of the channel.
-    return {n: p.detach() ** 2 for n, p in _scored_parameters(model)}
+    # Squared magnitude: its per-channel sum is the squared L2 norm of the channel. Normalisation
+    # scales are included: behind BatchNorm a filter's own norm says nothing (BN undoes its scale).
+    return {n: p.detach() ** 2 for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _taylor_scores(model, batches, loss_fn):
@@ -44,7 +45,7 @@ def _random_scores(model, batches, loss_fn, seed: int = 0):
     return {n: torch.rand(p.shape, generator=gen).to(device) for n, p in _scored_parameters(model)}
 
 
-register(Method("Weight", _weight_scores, needs_data=False, finalize=torch.sqrt,
+register(Method("Weight", _weight_scores, needs_data=False, finalize=torch.sqrt, norm_layers=True,
                 description="squared weight magnitude; channel score = group L2 norm"))
 register(Method("Taylor", _taylor_scores,
                 description="|theta * grad| per parameter, averaged over batches"))

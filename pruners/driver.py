@@ -6,6 +6,13 @@ the step's MACs budget is spent. Budgets follow an exponential schedule: step k 
 target ** (k / iterative_steps) of the starting MACs, so early steps are large and late ones fine.
 The loop stops as soon as the measured MACs ratio is at or below the target; when no channel can be
 removed any more (every layer at its cap) it raises `TargetUnreachable` with the ratio it reached.
+
+Attention: `prune_to_target` first replaces every nn.MultiheadAttention by an equivalent
+SplitAttention (models/attention.py), in place. torch-pruning then prunes only the hidden
+(embedding) dims of attention (q/k/v input columns, out_proj output rows; the q/k/v projections
+are ignored roots, so their internal dims never enter a group), and the internal q/k dims, v dims
+or whole heads (pruners/attention_units.py) are ranked in the same global list, against the same
+MACs budget, as the channels of the groups.
 """
 from __future__ import annotations
 
@@ -19,8 +26,10 @@ import torch.nn as nn
 import torch_pruning as tp
 from tqdm.auto import tqdm
 
+from models.attention import convert_attention, refresh_width_attributes
 from utils.flops import count_macs, count_params
 
+from .attention_units import AttentionSlot, attention_projections, attention_slots
 from .group_scores import ScoreFolder
 from .registry import Batch, get_method
 
@@ -43,6 +52,7 @@ class PruneSettings:
     multivariable: bool = True
     method_options: dict = field(default_factory=dict)
     max_steps_factor: int = 4  # hard stop: iterative_steps * this many steps
+    prune_heads: bool = False  # attention: remove whole heads instead of q/k and v dims
 
     def validate(self):
         if not 0.0 < self.target_ops_ratio <= 1.0:
@@ -122,6 +132,22 @@ def _channel_cost(group, layer_macs, DG) -> float:
     return cost
 
 
+def free_parameters(model: nn.Module) -> List[tuple]:
+    """(parameter, channel axis) of parameters used directly in forward, outside any layer
+    torch-pruning knows (ViT class token (1, 1, D) and position embedding (1, tokens, D)):
+    torch-pruning's "unwrapped parameters". The axis is the last one longer than 1, stated
+    explicitly so the graph does not have to guess (and warn)."""
+    found = []
+    for module in model.modules():
+        if tp.ops.module2type(module) != tp.ops.OPTYPE.ELEMENTWISE:
+            continue
+        for p in module.parameters(recurse=False):
+            axes = [i for i, size in enumerate(p.shape) if size > 1]
+            if axes:
+                found.append((p, axes[-1]))
+    return found
+
+
 def _round_multiple(group) -> int:
     """Channels of an attention embedding must stay divisible by its number of heads."""
     mult = 1
@@ -135,15 +161,20 @@ class StructuredPruner:
     """Holds the dependency graph of one model and removes channels from it step by step."""
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, ignored_layers: List[nn.Module],
-                 original_widths: Optional[Dict[str, Dict[str, int]]] = None):
+                 original_widths: Optional[Dict[str, Dict[str, int]]] = None,
+                 prune_heads: bool = False):
+        """`model` must already be converted (convert_attention) if it has attention layers."""
         self.model = model
         self.example_inputs = example_inputs
-        self.ignored_layers = list(ignored_layers)
+        # Internal attention dims are pruned by attention_units, never through torch-pruning groups.
+        self.ignored_layers = list(ignored_layers) + attention_projections(model)
+        self.prune_heads = prune_heads
         self.original_widths = original_widths or channel_widths(model)
         self.module_names = {m: n for n, m in model.named_modules()}
         was_training = model.training
         model.eval()
-        self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        self.DG = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, unwrapped_parameters=free_parameters(model))
         model.train(was_training)
 
     def groups(self):
@@ -163,11 +194,14 @@ class StructuredPruner:
         return floor
 
     def plan_step(self, folder: ScoreFolder, budget_macs: float, cap: float):
-        """Choose channels to remove: globally lowest scores first until `budget_macs` is spent."""
+        """Choose channels to remove: globally lowest scores first until `budget_macs` is spent.
+
+        Returns a list of (root module, handler, channel indices) for torch-pruning groups and
+        (AttentionSlot, count) for attention units."""
         self.cap = cap
         layer_macs = _layer_macs(self.model, self.example_inputs[:1])
-        candidates = []  # (score, group id, channel index)
-        info = []
+        candidates = []  # (score, info id, channel / unit index)
+        info = []  # (group or AttentionSlot, removable, multiple, MACs per channel / unit)
         for gid, group in enumerate(self.groups()):
             scores = folder(group)
             if scores is None:
@@ -181,6 +215,11 @@ class StructuredPruner:
                 continue
             for c in range(n):
                 candidates.append((float(scores[c]), len(info) - 1, c))
+        for slot in attention_slots(self.model, folder, layer_macs, cap, self.prune_heads):
+            info.append((slot, slot.removable, 1, slot.cost))
+            # Units in removal order; their scores never decrease, so the stable sort keeps it.
+            candidates.extend((float(s), len(info) - 1, r) for r, s in enumerate(slot.unit_scores))
+        self.scored_units = len(candidates) + sum(1 for it in info if it[1] <= 0)
         candidates.sort(key=lambda t: t[0])
         chosen: Dict[int, List[int]] = {}
         spent = 0.0
@@ -196,6 +235,9 @@ class StructuredPruner:
         plan = []
         for gi, idxs in chosen.items():
             group, removable, mult, cost = info[gi]
+            if isinstance(group, AttentionSlot):
+                plan.append((group, len(idxs)))
+                continue
             keep = len(idxs) - len(idxs) % mult
             if keep > 0:
                 root = group[0].dep
@@ -203,9 +245,14 @@ class StructuredPruner:
         return plan
 
     def apply(self, plan, compensate: Optional[Callable] = None, state: Optional[dict] = None):
+        channel_plan = [item for item in plan if not isinstance(item[0], AttentionSlot)]
+        attention_plan = [item for item in plan if isinstance(item[0], AttentionSlot)]
         if compensate is not None:
             outputs = {}
-            for module, handler, idxs in plan:
+            for slot, count in attention_plan:
+                for layer, rows in slot.removed_rows(count).items():
+                    outputs.setdefault(layer, set()).update(rows)
+            for module, handler, idxs in channel_plan:
                 group = self.DG.get_pruning_group(module, handler, idxs)
                 for dep, layer_idxs in group:
                     if self.DG.is_out_channel_pruning_fn(dep.handler) and isinstance(
@@ -213,11 +260,15 @@ class StructuredPruner:
                         outputs.setdefault(dep.target.module, set()).update(int(i) for i in layer_idxs)
             compensate(self.model, {m: sorted(v) for m, v in outputs.items()}, state or {})
         removed = 0
-        for module, handler, idxs in plan:
+        # Internal attention dims and hidden channels are disjoint index sets: order is free.
+        for slot, count in attention_plan:
+            removed += slot.remove(count)
+        for module, handler, idxs in channel_plan:
             group = self.DG.get_pruning_group(module, handler, idxs)
             if self.DG.check_pruning_group(group):
                 group.prune()
                 removed += len(idxs)
+        refresh_width_attributes(self.model)
         return removed
 
 
@@ -231,14 +282,18 @@ def prune_to_target(model: nn.Module, method_name: str, batches: Callable[[int],
     batches(n) must return an iterable of n fresh (inputs, targets) batches.
     reference_macs: the dense network's MACs (default: the model's own MACs now); the iterative
     script passes the dense figure so every ratio is relative to the original network.
+    Every nn.MultiheadAttention is first replaced in place by an equivalent SplitAttention
+    (same outputs), whose q/k dims, v dims or heads (settings.prune_heads) can then be pruned.
     """
     settings.validate()
+    convert_attention(model)
     method = get_method(method_name)
     macs_before = count_macs(model, example_inputs[:1])
     params_before = count_params(model)
     reference = reference_macs or macs_before
     target_macs = settings.target_ops_ratio * reference
-    pruner = StructuredPruner(model, example_inputs[:1], ignored_layers, original_widths)
+    pruner = StructuredPruner(model, example_inputs[:1], ignored_layers, original_widths,
+                              prune_heads=settings.prune_heads)
     t_est = t_prune = 0.0
     steps = 0
     macs = macs_before
@@ -271,6 +326,11 @@ def prune_to_target(model: nn.Module, method_name: str, batches: Callable[[int],
         t_prune += t2 - t1
         if removed == 0 or new_macs >= macs:
             bar.close()
+            if pruner.scored_units == 0:
+                raise TargetUnreachable(
+                    f"{method_name} gave no non-zero importance score to any prunable channel "
+                    "(untrained or zero-initialised layers?); train the network first or choose "
+                    "another --importance_type")
             raise TargetUnreachable(
                 f"FLOPs target {settings.target_ops_ratio} cannot be reached: every layer is at its "
                 f"cap, stopped at MACs ratio {new_macs / reference:.4f}; raise --max_pruning_ratio "

@@ -74,14 +74,16 @@ class ScoreFolder:
             return None
         return self.scores.get(f"{prefix}.{attr}" if prefix else attr)
 
-    def _layer_term(self, layer, fn, idxs) -> Optional[torch.Tensor]:
+    def _layer_term(self, dep, idxs) -> Optional[torch.Tensor]:
         mv = self.multivariable
+        layer, fn = dep.target.module, dep.handler
         if isinstance(layer, nn.Parameter):
             name = self.param_names.get(id(layer))
             s = self.scores.get(name) if name else None
             if s is None:
                 return None
-            return _fold(s, getattr(fn, "dim", getattr(fn, "pruning_dim", -1)), mv)[idxs]
+            # the axis torch-pruning removes entries along (class token / position embedding: 2)
+            return _fold(s, dep.target.pruning_dim, mv)[idxs]
         if fn in _CONV_LINEAR_OUT:
             w = self._score(layer, "weight")
             if w is None:
@@ -143,7 +145,7 @@ class ScoreFolder:
             root_idxs = group[i].root_idxs
             if any(r is None for r in root_idxs):
                 continue
-            term = self._layer_term(dep.target.module, dep.handler, idxs)
+            term = self._layer_term(dep, idxs)
             if term is None:
                 continue
             term = term.float().abs()

@@ -235,6 +235,14 @@ class _Sink(torch.autograd.Function):
         return (grad if ctx.scale == 1 else ctx.scale * grad), None, None
 
 
+def _same_value(tangent, primal) -> bool:
+    if tangent is None or tangent.shape != primal.shape:
+        return False
+    if tangent.data_ptr() == primal.data_ptr() and tangent.stride() == primal.stride():
+        return True
+    return bool(torch.equal(tangent, primal))
+
+
 def _primal(t):
     return fwAD.unpack_dual(t).primal if isinstance(t, torch.Tensor) else t
 
@@ -279,7 +287,7 @@ class _BilinearTracer(TorchFunctionMode):
         self.static = WeakIdKeyDictionary()
         for t in static:
             self.static[t] = True
-        self.outputs: List[torch.Tensor] = []   # Z of nodes that have sinks
+        self.watched: List[torch.Tensor] = []  # tensors whose ∂L/∂· the sinks need
         self.slots: List[_Slot] = []
         self.sinks: List[torch.Tensor] = []
         self._opening = set()
@@ -327,27 +335,64 @@ class _BilinearTracer(TorchFunctionMode):
             return "downward"
         return "parallel"
 
+    def _watch(self, tensor) -> _Slot:
+        """A slot that receives ∂L/∂tensor from the ordinary backward."""
+        slot = _Slot()
+        self.slots.append(slot)
+        self.watched.append(tensor)
+        return slot
+
     def _bilinear(self, func, args, kwargs, a, b, bil, remainder):
-        z = func(*_map_tensors(args, _primal), **_map_tensors(kwargs, _primal))
         a_p, a_t, b_p, b_t = _primal(a), _tangent(a), _primal(b), _tangent(b)
-        slot = None
+        # (into, its primal, tangent of the other operand, term B with `into` differentiable)
+        terms = [(a, a_p, b, b_t, lambda: bil(a_p, b_t)), (b, b_p, a, a_t, lambda: bil(a_t, b_p))]
+        # Shortcut. A static operand that is a linear function of the parameters (a weight, a
+        # view or slice of one) has tangent == value, since δθ = θ. Then the term into the other
+        # operand X is B(X, W) = Z minus its additive remainder, so it costs nothing in the
+        # forward pass, and its gradient w.r.t. X is this call's own contribution to ∂L/∂X in
+        # the ordinary backward: X enters the call through a private alias whose gradient is
+        # read off there and re-injected by a sink.
+        same = [self._is_static(t) and _same_value(t_t, t_p)
+                for t, t_p, t_t in ((a, a_p, a_t), (b, b_p, b_t))]
+        alias = {}
+        if a is not b:
+            for k, (into, into_p, other, other_t, _) in enumerate(terms):
+                if same[1 - k] and into_p.requires_grad \
+                        and self.scales[self._component(into, other)] != 0:
+                    alias[id(into)] = into_p.view_as(into_p)
+
+        def primal(t):
+            return alias.get(id(t)) if id(t) in alias else _primal(t)
+        z = func(*_map_tensors(args, primal), **_map_tensors(kwargs, primal))
+
         tangent = None
-        for into, into_p, other, other_t, term_fn in (
-                (a, a_p, b, b_t, lambda: bil(a_p, b_t)),
-                (b, b_p, a, a_t, lambda: bil(a_t, b_p))):
+        z_slot = None
+        bilinear_part = None  # Z minus the remainder, for the shortcut
+        for k, (into, into_p, other, other_t, term_fn) in enumerate(terms):
             if other_t is None:
                 continue
-            term = term_fn()
-            tangent = term.detach() if tangent is None else tangent + term.detach()
             scale = self.scales[self._component(into, other)]
-            if term.requires_grad and scale != 0:
-                if slot is None:
-                    slot = _Slot()
-                    self.slots.append(slot)
-                    self.outputs.append(z)
-                slot.uses += 1
-                self.sinks.append(_Sink.apply(term, slot, scale))
-            del term
+            if same[1 - k]:
+                if bilinear_part is None:
+                    bilinear_part = z.detach()
+                    for extra, to_output in remainder:
+                        if extra is not None:
+                            bilinear_part = bilinear_part - to_output(_primal(extra), z)
+                value = bilinear_part
+                if id(into) in alias:
+                    slot = self._watch(alias[id(into)])
+                    slot.uses = 1
+                    self.sinks.append(_Sink.apply(into_p, slot, scale))
+            else:
+                term = term_fn()
+                value = term.detach()
+                if term.requires_grad and scale != 0:
+                    if z_slot is None:
+                        z_slot = self._watch(z)
+                    z_slot.uses += 1
+                    self.sinks.append(_Sink.apply(term, z_slot, scale))
+                del term
+            tangent = value if tangent is None else tangent + value
         for extra, to_output in remainder:
             extra_t = _tangent(extra)
             if extra_t is not None:
@@ -380,22 +425,23 @@ def _oba_pass(model, inputs, targets, loss_fn, scales, need_grad):
         output = _map_tensors(output, _primal)
         loss = loss_fn(output, targets)
         del output
-        wanted = tracer.outputs + (params if need_grad else [])
-        grads = torch.autograd.grad(loss, wanted, retain_graph=True, allow_unused=True) \
-            if wanted else []
-        node_grads = grads[:len(tracer.outputs)]
-        for slot, g in zip(tracer.slots, node_grads):
-            slot.grad = g
-        param_grads = list(grads[len(tracer.outputs):]) if need_grad else None
-        del grads, node_grads
-        tracer.outputs.clear()
-        sinks = tracer.sinks
-        tracer.sinks = []
-        hv = [None] * len(params)
-        if sinks:
-            surrogate = torch.stack(sinks).sum() if len(sinks) > 1 else sinks[0]
-            del sinks
-            hv = list(torch.autograd.grad(surrogate, params, allow_unused=True))
+    # Both backward passes run after the dual level is closed: inside it, saved tensors would
+    # bring their tangents along and every backward op would also push tangents (a wasted
+    # forward-over-reverse pass costing about as much again).
+    wanted = tracer.watched + (params if need_grad else [])
+    grads = torch.autograd.grad(loss, wanted, retain_graph=True, allow_unused=True) \
+        if wanted else []
+    for slot, g in zip(tracer.slots, grads[:len(tracer.watched)]):
+        slot.grad = g
+    param_grads = list(grads[len(tracer.watched):]) if need_grad else None
+    del grads
+    tracer.watched.clear()
+    sinks, tracer.sinks = tracer.sinks, []
+    hv = [None] * len(params)
+    if sinks:
+        surrogate = torch.stack(sinks).sum() if len(sinks) > 1 else sinks[0]
+        del sinks
+        hv = list(torch.autograd.grad(surrogate, params, allow_unused=True))
     hv = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
     if param_grads is not None:
         param_grads = [torch.zeros_like(p) if g is None else g

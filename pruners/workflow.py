@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 from models import get_classifier, get_model
 from utils.checkpoint import (FORMAT, CheckpointError, check_writable, load_checkpoint,
@@ -63,6 +64,8 @@ def setup(args) -> Context:
 def dense_paths(args):
     prefix = Path(args.save_path_prefix)
     stem = f"{args.dataset}_{args.model}"
+    if getattr(args, "sparsity_l1", 0.0) > 0:  # a slimming-trained network is a different network
+        stem += f"_l1-{args.sparsity_l1:g}"
     final = Path(args.pretrained) if args.pretrained else prefix / f"{stem}.pth"
     return final, prefix / f"{stem}.train.pth"
 
@@ -110,13 +113,21 @@ def prune_settings(args, target: float) -> PruneSettings:
     return PruneSettings(target_ops_ratio=target, iterative_steps=args.iterative_steps,
                          iters_per_step=args.iters_per_step,
                          max_pruning_ratio=args.max_pruning_ratio, normalizer=args.normalizer,
-                         multivariable=args.multivariable,
+                         multivariable=args.multivariable, prune_heads=args.prune_heads,
                          method_options=method_options(args, method))
 
 
-def _batches(ctx: Context):
+def importance_batches(ctx: Context) -> Callable:
+    """batches(n) -> n training batches for importance estimation, from a loader of its own seeded
+    by --seed, so the same seed gives the same masks whether the dense network was just trained in
+    this process or loaded from disk."""
+    train = ctx.loaders.train
+    loader = DataLoader(train.dataset, batch_size=train.batch_size, shuffle=True, drop_last=train.drop_last,
+                        num_workers=train.num_workers, collate_fn=train.collate_fn,
+                        generator=torch.Generator().manual_seed(ctx.args.seed))
+
     def make(n):
-        return iterate_batches(ctx.loaders.train, n)
+        return iterate_batches(loader, n)
     return make
 
 
@@ -134,7 +145,7 @@ def prune_model(ctx: Context, model: nn.Module, target: float, reference_macs: i
         if rel_target >= 1.0:
             return model, {"steps": 0, "seconds_estimating": 0.0, "seconds_pruning": 0.0}
         t0 = time.perf_counter()
-        batches = list(iterate_batches(ctx.loaders.train, args.iters_per_step))
+        batches = list(importance_batches(ctx)(args.iters_per_step))
         pruned, info = prune_to_macs_target(
             model, batches, loss_fn, ctx.example_inputs[:1], rel_target,
             max_pruning_ratio=args.max_pruning_ratio, classifier=classifier,
@@ -143,7 +154,7 @@ def prune_model(ctx: Context, model: nn.Module, target: float, reference_macs: i
         est = float(info.get("seconds_estimating", 0.0))
         return pruned, {"steps": 1, "seconds_estimating": est, "seconds_pruning": total - est,
                         "eigen_prune_ratio": info.get("prune_ratio")}
-    report = prune_to_target(model, args.importance_type, _batches(ctx), loss_fn,
+    report = prune_to_target(model, args.importance_type, importance_batches(ctx), loss_fn,
                              ctx.example_inputs, prune_settings(args, target), [classifier],
                              reference_macs=reference_macs, original_widths=original_widths,
                              progress=args.progress)

@@ -14,7 +14,7 @@ def _run(tmp_path, epochs, interrupt_after=None):
     engine.seed_everything(0)
     loaders = build_loaders("digits", batch_size=64, seed=0)
     model = get_model("resnet8", 10)
-    cfg = engine.TrainConfig(epochs=epochs, lr=0.05, milestones=[2])
+    cfg = engine.TrainConfig(epochs=epochs, lr=0.05, milestones=[1])
     ckpt = tmp_path / "run.train.pth"
     if interrupt_after is not None:
         calls = {"n": 0}
@@ -40,9 +40,16 @@ def _run(tmp_path, epochs, interrupt_after=None):
     return model, result
 
 
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    d = tmp_path_factory.mktemp("one")
+    _run(d, 1)
+    return d / "run.train.pth"
+
+
 def test_resume_equals_uninterrupted(tmp_path):
-    m1, r1 = _run(tmp_path / "a", 3)
-    m2, r2 = _run(tmp_path / "b", 3, interrupt_after=2)
+    m1, r1 = _run(tmp_path / "a", 2)
+    m2, r2 = _run(tmp_path / "b", 2, interrupt_after=1)
     assert r2.epochs_run == 1
     assert [h["val_acc"] for h in r1.history] == [h["val_acc"] for h in r2.history]
     assert r1.history[-1]["train_loss"] == r2.history[-1]["train_loss"]
@@ -50,19 +57,17 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_truncated_checkpoint_is_one_line_error(tmp_path):
-    _run(tmp_path, 1)
+def test_truncated_checkpoint_is_one_line_error(tmp_path, one_epoch):
     path = tmp_path / "run.train.pth"
-    data = path.read_bytes()
+    data = one_epoch.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
-def test_wrong_architecture_is_one_line_error(tmp_path):
-    _run(tmp_path, 1)
-    ckpt = load_checkpoint(tmp_path / "run.train.pth")
+def test_wrong_architecture_is_one_line_error(one_epoch):
+    ckpt = load_checkpoint(one_epoch)
     with pytest.raises(CheckpointError) as err:
         load_state_into(get_model("vgg11", 10), ckpt["state_dict"], "x.pth", "vgg11")
     assert "\n" not in str(err.value) and "vgg11" in str(err.value)

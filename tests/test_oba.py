@@ -378,3 +378,12 @@ def test_bad_options_are_one_line_errors():
         parameter_scores("OBA", model, batches, order=2)
     with pytest.raises(CriterionError, match="upward_delta"):
         parameter_scores("OBA", model, batches, upward_delta="big")
+
+
+def test_general_path_without_the_weight_shortcut(transformer_case, monkeypatch):
+    """The shortcut for operands whose tangent equals their value (weights, δθ = θ) and the
+    general path (explicit B(X, Ẇ) terms) give the same H̃δθ."""
+    import pruners.oba as oba
+    monkeypatch.setattr(oba, "_same_value", lambda tangent, primal: False)
+    test_hvp_equals_hessian_minus_gauss_newton(ResidualConvNet, (5, 2, 4, 4))
+    test_transformer_components_match_brute_force(transformer_case, "mha")

@@ -40,7 +40,7 @@ def dense_dir(tmp_path_factory):
 
 def test_one_shot_end_to_end(dense_dir, tmp_path):
     out = tmp_path / "out"
-    proc = run("train_prune.py", *FAST, "--importance_type", "Taylor", "--ops_ratios", "0.7", "0.5",
+    proc = run("train_prune.py", *FAST, "--importance_type", "OBA", "--ops_ratios", "0.7", "0.5",
                "--output_dir", str(out), "--save_path_prefix", str(dense_dir / "ckpt"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in (0.7, 0.5):
@@ -56,6 +56,7 @@ def test_one_shot_end_to_end(dense_dir, tmp_path):
         assert rec["test_acc_dense"] == json.loads(
             (out / "ops_0.7" / "results.json").read_text())["test_acc_dense"]
     assert "MACs" in proc.stdout and "test acc dense" in proc.stdout
+    assert "importance estimation" in proc.stdout
     # the documented one-call loader gives back a working network of the recorded size
     code = ("import sys, torch; sys.path.insert(0, %r);"
             "from utils.checkpoint import load_pruned_model; from utils.flops import count_macs;"
@@ -119,3 +120,32 @@ def test_truncated_and_foreign_checkpoints(dense_dir, tmp_path):
                "--output_dir", str(tmp_path / "o"), "--save_path_prefix", str(tmp_path / "c"))
     assert_one_line_error(proc, "resnet8")
     assert good.read_bytes() == data
+
+
+@pytest.mark.parametrize("method,extra", [("Eigen", []), ("Kron-OBS", []), ("fastOBA", ["--order", "2"]),
+                                          ("Slim", ["--sparsity_l1", "1e-4"])])
+def test_other_criteria_end_to_end(method, extra, dense_dir, tmp_path):
+    out = tmp_path / method
+    proc = run("train_prune.py", *FAST, "--importance_type", method, *extra, "--ops_ratios", "0.6",
+               "--output_dir", str(out), "--save_path_prefix", str(dense_dir / "ckpt"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((out / "ops_0.6" / "results.json").read_text())
+    assert rec["importance_type"] == method and rec["achieved_ops_ratio"] <= 0.6
+    if method == "Slim":  # trained with the L1 penalty: its own dense checkpoint
+        assert (dense_dir / "ckpt" / "digits_resnet8_l1-0.0001.pth").exists()
+
+
+def test_same_seed_same_masks_and_metrics(dense_dir, tmp_path):
+    import torch
+    recs, models = [], []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        proc = run("train_prune.py", *FAST, "--sl_num_epochs", "0", "--importance_type", "Taylor", "--ops_ratios", "0.6",
+                   "--output_dir", str(out), "--save_path_prefix", str(dense_dir / "ckpt"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        recs.append(json.loads((out / "ops_0.6" / "results.json").read_text()))
+        models.append(torch.load(out / "ops_0.6" / "pruned_model.pth", weights_only=False)["model"])
+    for key in ("pruned_macs", "pruned_params", "test_acc_pruned", "test_acc_finetuned"):
+        assert recs[0][key] == recs[1][key], key
+    for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), k
