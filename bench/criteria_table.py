@@ -82,8 +82,8 @@ def main(argv=None):
     return 0
 
 
-HEADER = ("| model | method | target | MACs ratio | params ratio | acc dense | acc pruned | "
-          "acc fine-tuned | estimation s |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | method | target | MACs ratio | params ratio | acc dense | acc pruned, stale BN | "
+          "acc pruned | acc fine-tuned | estimation s |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r):
@@ -91,7 +91,8 @@ def format_row(r):
         return f"| {r['model']} | {r['importance_type']} | {r['target_ops_ratio']} | error: {r['error']} |"
     return (f"| {r['model']} | {r['importance_type']} | {r['target_ops_ratio']:g} | "
             f"{r['achieved_ops_ratio']:.3f} | {r['achieved_params_ratio']:.3f} | "
-            f"{r['test_acc_dense']:.2f} | {r['test_acc_pruned']:.2f} | {r['test_acc_finetuned']:.2f} | "
+            f"{r['test_acc_dense']:.2f} | {r['test_acc_pruned_stale_bn']:.2f} | {r['test_acc_pruned']:.2f} | "
+            f"{r['test_acc_finetuned']:.2f} | "
             f"{r['seconds_importance']:.1f} |")
 
 

@@ -276,12 +276,15 @@ def prune_to_target(model: nn.Module, method_name: str, batches: Callable[[int],
                     loss_fn: Callable, example_inputs: torch.Tensor, settings: PruneSettings,
                     ignored_layers: List[nn.Module], reference_macs: Optional[int] = None,
                     original_widths: Optional[Dict[str, Dict[str, int]]] = None,
-                    progress: bool = True) -> PruneReport:
+                    progress: bool = True,
+                    recalibrate: Optional[Callable[[nn.Module], None]] = None) -> PruneReport:
     """Prune `model` in place until its MACs are at most target * reference_macs.
 
     batches(n) must return an iterable of n fresh (inputs, targets) batches.
     reference_macs: the dense network's MACs (default: the model's own MACs now); the iterative
     script passes the dense figure so every ratio is relative to the original network.
+    recalibrate(model), when given, runs after every step (BatchNorm statistics re-estimated), so
+    the next step scores a network whose eval-mode behaviour is not distorted by stale statistics.
     Every nn.MultiheadAttention is first replaced in place by an equivalent SplitAttention
     (same outputs), whose q/k dims, v dims or heads (settings.prune_heads) can then be pruned.
     """
@@ -319,6 +322,8 @@ def prune_to_target(model: nn.Module, method_name: str, batches: Callable[[int],
         t1 = time.perf_counter()
         plan = pruner.plan_step(folder, budget, settings.max_pruning_ratio)
         removed = pruner.apply(plan, method.compensate, method.state) if plan else 0
+        if removed and recalibrate is not None:
+            recalibrate(model)
         steps += 1
         new_macs = count_macs(model, example_inputs[:1])
         t2 = time.perf_counter()

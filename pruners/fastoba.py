@@ -19,6 +19,7 @@ from typing import Callable, List
 import torch
 import torch.nn as nn
 
+from .oba import decomposed_attention
 from .registry import (CriterionError, Method, ScoreDict, average_batch_scores, preserved_state,
                        register)
 
@@ -34,7 +35,8 @@ def fastoba_batch_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.
     named = _trainable(model)
     params = list(named.values())
     v = [p.detach() for p in params]
-    loss = loss_fn(model(inputs), targets)
+    with decomposed_attention():  # fused attention kernels have no double backward
+        loss = loss_fn(model(inputs), targets)
     grads: List[torch.Tensor] = _grad(loss, params, create_graph=order > 1)
     first = grads
     for m in range(1, order):

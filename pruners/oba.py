@@ -204,6 +204,30 @@ def _opened(func: types.FunctionType) -> Callable:
     return _OPENED[func]
 
 
+class decomposed_attention(TorchFunctionMode):
+    """Context manager: inside it, F.scaled_dot_product_attention (including the call inside
+    nn.MultiheadAttention) runs as matmul → softmax → matmul. Used where higher derivatives
+    are taken through attention: the fused CPU / flash kernels have no double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self._opening = set()
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            with self:
+                return _attention_by_matmuls(*args, **kwargs)
+        if isinstance(func, types.FunctionType) and func not in self._opening:
+            self._opening.add(func)
+            try:
+                with self:
+                    return _opened(func)(*args, **kwargs)
+            finally:
+                self._opening.discard(func)
+        return func(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- surrogate sinks
 
 class _Slot:

@@ -23,7 +23,7 @@ from utils.checkpoint import (FORMAT, CheckpointError, check_writable, load_chec
                               save_pruned_model, write_json)
 from utils.cli import default_milestones, method_options, resolve_device
 from utils.data import build_loaders, iterate_batches
-from utils.engine import TrainConfig, evaluate, seed_everything, train
+from utils.engine import TrainConfig, evaluate, recalibrate_batchnorm, seed_everything, train
 from utils.flops import count_macs, count_params, format_count
 
 from .driver import PruneSettings, channel_widths, prune_to_target
@@ -131,6 +131,13 @@ def importance_batches(ctx: Context) -> Callable:
     return make
 
 
+def _recalibrator(ctx: Context, batches: Callable) -> Optional[Callable]:
+    n = ctx.args.bn_recalibration_batches
+    if n <= 0:
+        return None
+    return lambda model: recalibrate_batchnorm(model, batches(n), ctx.device)
+
+
 def prune_model(ctx: Context, model: nn.Module, target: float, reference_macs: int,
                 original_widths: Dict) -> tuple:
     """Prune to `target` (fraction of reference MACs kept). Returns (model, report dict)."""
@@ -154,10 +161,11 @@ def prune_model(ctx: Context, model: nn.Module, target: float, reference_macs: i
         est = float(info.get("seconds_estimating", 0.0))
         return pruned, {"steps": 1, "seconds_estimating": est, "seconds_pruning": total - est,
                         "eigen_prune_ratio": info.get("prune_ratio")}
-    report = prune_to_target(model, args.importance_type, importance_batches(ctx), loss_fn,
+    batches = importance_batches(ctx)
+    report = prune_to_target(model, args.importance_type, batches, loss_fn,
                              ctx.example_inputs, prune_settings(args, target), [classifier],
                              reference_macs=reference_macs, original_widths=original_widths,
-                             progress=args.progress)
+                             progress=args.progress, recalibrate=_recalibrator(ctx, batches))
     return model, {"steps": report.steps, "seconds_estimating": report.seconds_estimating,
                    "seconds_pruning": report.seconds_pruning}
 
@@ -193,6 +201,12 @@ def prune_and_finetune(ctx: Context, model: nn.Module, target: float, dense: dic
         seed_everything(args.seed)
         model, prune_info = prune_model(ctx, model, target, dense["macs"], original_widths)
         model.to(ctx.device)
+        # Accuracy right after pruning, before and after re-estimating BatchNorm statistics
+        # (no weight changes either way); the second is what fine-tuning starts from.
+        prune_info["test_acc_pruned_stale_bn"] = evaluate(model, ctx.loaders.test, ctx.device)[1]
+        recal = _recalibrator(ctx, importance_batches(ctx))
+        if recal is not None:
+            recal(model)
         prune_info["test_acc_pruned"] = evaluate(model, ctx.loaders.test, ctx.device)[1]
         save_pruned_model(model, init_path, prune_info=prune_info)
     macs = count_macs(model, ctx.example_inputs[:1])
@@ -206,6 +220,7 @@ def prune_and_finetune(ctx: Context, model: nn.Module, target: float, dense: dic
         "dense_macs": dense["macs"], "dense_params": dense["params"],
         "pruned_macs": macs, "pruned_params": params,
         "test_acc_dense": dense["test_acc"], "test_acc_pruned": prune_info["test_acc_pruned"],
+        "test_acc_pruned_stale_bn": prune_info["test_acc_pruned_stale_bn"],
         "test_acc_finetuned": test_acc, "val_acc_finetuned_best": ft["best_val_acc"],
         "seconds_importance": prune_info["seconds_estimating"],
         "seconds_pruning": prune_info["seconds_pruning"], "seconds_finetune": ft["seconds"],

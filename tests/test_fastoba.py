@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pruners.fastoba import fastoba_batch_scores
+from pruners.oba import decomposed_attention
 from pruners.registry import CriterionError, parameter_scores
 
 DT = torch.float64
@@ -112,3 +113,38 @@ def test_registry_entry_point_side_effects_and_errors():
             parameter_scores("fastOBA", model, batches, order=bad)
     with pytest.raises(CriterionError, match="upward_delta"):
         parameter_scores("fastOBA", model, batches, upward_delta=1.0)
+
+
+def test_order_two_through_multihead_attention():
+    """Nested autograd through nn.MultiheadAttention (its fused attention kernel has no double
+    backward; fastOBA runs it as explicit matmuls) matches the explicit Hessian."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(4, 2, batch_first=True).to(DT)
+    head = nn.Linear(4, 3).to(DT)
+    model = nn.ModuleDict({"attn": attn, "head": head})
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, inp):
+            return self.m["head"](self.m["attn"](inp, inp, inp, need_weights=False)[0].mean(1))
+
+    net = Net()
+    x, y = torch.randn(2, 3, 4, dtype=DT), torch.tensor([0, 2])
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    loss_fn = nn.CrossEntropyLoss()
+
+    def loss_of(vec):
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = vec[i:i + math.prod(s)].view(s)
+            i += math.prod(s)
+        return loss_fn(torch.func.functional_call(net, parts, (x,)), y)
+    with decomposed_attention():  # the brute force needs double backward through attention too
+        want = theta * (torch.autograd.functional.hessian(loss_of, theta) @ theta)
+    got = _flat(fastoba_batch_scores(net, x, y, loss_fn, order=2), names)
+    assert (got - want).norm() / want.norm() < 1e-10

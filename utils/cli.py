@@ -94,6 +94,9 @@ def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA") -> 
     g.add_argument("--multivariable", action=argparse.BooleanOptionalAction, default=True,
                    help="channel score = |sum of its parameters' scores| (removed together); "
                         "--no-multivariable sums absolute per-parameter scores")
+    g.add_argument("--bn_recalibration_batches", type=int, default=16,
+                   help="after every pruning step, re-estimate BatchNorm running statistics on this "
+                        "many training batches (no weight changes); 0 turns it off")
     g = p.add_argument_group("criterion options")
     g.add_argument("--delta", type=float, default=0.0, help="weight of the first-order term g*theta")
     g.add_argument("--upward_delta", type=float, default=1.0, help="OBA: scale of upward terms")

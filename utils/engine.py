@@ -7,7 +7,6 @@ so the final metrics equal those of an uninterrupted run on the same device).
 """
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -187,5 +186,29 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
                        time.perf_counter() - t0, history)
 
 
-def clone_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches, device) -> int:
+    """Re-estimate every BatchNorm's running statistics from `batches` (a plain average over them),
+    without touching any weight. Pruning changes what each BatchNorm sees, and stale running
+    statistics alone can take a pruned network to chance accuracy in eval mode.
+    Returns the number of batches used (0: the model has no BatchNorm, nothing done)."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    was = model.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    used = 0
+    try:
+        for x, _ in batches:
+            model(x.to(device, non_blocking=True))
+            used += 1
+    finally:
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        model.train(was)
+    return used
