@@ -14,7 +14,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pruners import workflow  # noqa: E402
 from pruners.driver import channel_widths  # noqa: E402
 from utils import cli  # noqa: E402
-from utils.checkpoint import write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -38,10 +37,7 @@ def main(argv=None):
             continue
         _, record = workflow.prune_and_finetune(ctx, copy.deepcopy(dense), target, dense_info, widths)
         records.append(record)
-    write_json(records, ctx.out_dir / "summary.json")
-    print(f"\nResults ({ctx.out_dir}):")
-    for r in records:
-        print("  " + workflow.summary_line(r))
+    workflow.report(ctx, records)
     return 0
 
 

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from .init import init_conv_bn
 import torch.nn.functional as F
 
 
@@ -65,12 +67,7 @@ class PreResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self, linear=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

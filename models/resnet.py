@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from .init import init_conv_bn
 import torch.nn.functional as F
 
 
@@ -66,14 +68,7 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self, linear="he")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))

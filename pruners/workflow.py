@@ -247,3 +247,11 @@ def summary_line(r: dict) -> str:
             f"(ratio {r['achieved_params_ratio']:.3f}); test acc dense {r['test_acc_dense']:.2f}% | "
             f"pruned {r['test_acc_pruned']:.2f}% | fine-tuned {r['test_acc_finetuned']:.2f}%; "
             f"importance estimation {r['seconds_importance']:.1f}s")
+
+
+def report(ctx: Context, records) -> None:
+    """Write summary.json for the run and print one readable line per target."""
+    write_json(records, ctx.out_dir / "summary.json")
+    print(f"\nResults ({ctx.out_dir}):")
+    for r in records:
+        print("  " + summary_line(r))

@@ -35,10 +35,16 @@ def _setup(seed=0):
         model.norm.bias.uniform_(-0.3, 0.3)
     x = torch.randn(6, 3, dtype=DT)
     y = torch.randint(0, 3, (6,))
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    loss_fn = nn.CrossEntropyLoss()
+    names, theta, loss_of = _flat_loss(model, x, y, loss_fn)
+    return model, x, y, loss_fn, names, theta, loss_of
+
+
+def _flat_loss(model, x, y, loss_fn):
+    """(parameter names, flat θ, loss as a function of a flat parameter vector)."""
+    names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    loss_fn = nn.CrossEntropyLoss()
 
     def loss_of(vec):
         parts, i = {}, 0
@@ -46,7 +52,7 @@ def _setup(seed=0):
             parts[n] = vec[i:i + math.prod(s)].view(s)
             i += math.prod(s)
         return loss_fn(torch.func.functional_call(model, parts, (x,)), y)
-    return model, x, y, loss_fn, names, theta, loss_of
+    return names, theta, loss_of
 
 
 def _flat(scores, names):
@@ -133,17 +139,8 @@ def test_order_two_through_multihead_attention():
 
     net = Net()
     x, y = torch.randn(2, 3, 4, dtype=DT), torch.tensor([0, 2])
-    names = [n for n, _ in net.named_parameters()]
-    shapes = [p.shape for p in net.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
     loss_fn = nn.CrossEntropyLoss()
-
-    def loss_of(vec):
-        parts, i = {}, 0
-        for n, s in zip(names, shapes):
-            parts[n] = vec[i:i + math.prod(s)].view(s)
-            i += math.prod(s)
-        return loss_fn(torch.func.functional_call(net, parts, (x,)), y)
+    names, theta, loss_of = _flat_loss(net, x, y, loss_fn)
     with decomposed_attention():  # the brute force needs double backward through attention too
         want = theta * (torch.autograd.functional.hessian(loss_of, theta) @ theta)
     got = _flat(fastoba_batch_scores(net, x, y, loss_fn, order=2), names)

@@ -9,7 +9,15 @@ from pruners.kfac_criteria import (KRON_OBS, kron_obs_compensate, obd_obs_loss_c
                                    obs_removal_update)
 from pruners.registry import get_method, parameter_scores
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """These checks are float64 maths; restore the default so other test files are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class LinearNet(nn.Module):
