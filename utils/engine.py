@@ -133,6 +133,12 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
         best_state = ckpt["best_state"]
         history = ckpt.get("history", [])
         _set_rng_state(ckpt["rng"], loaders.train)
+    elif loaders.val is not None:
+        # The starting point competes too: fine-tuning never hands back a network that is worse
+        # on the validation split than the one it was given.
+        best_acc = evaluate(model, loaders.val, device)[1]
+        best_epoch = 0
+        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     writer = _open_writer(log_dir)
     t0 = time.perf_counter()
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
