@@ -148,15 +148,6 @@ def free_parameters(model: nn.Module) -> List[tuple]:
     return found
 
 
-def _round_multiple(group) -> int:
-    """Channels of an attention embedding must stay divisible by its number of heads."""
-    mult = 1
-    for dep, _ in group:
-        if isinstance(dep.target.module, nn.MultiheadAttention):
-            mult = math.lcm(mult, dep.target.module.num_heads)
-    return mult
-
-
 class StructuredPruner:
     """Holds the dependency graph of one model and removes channels from it step by step."""
 
@@ -201,22 +192,20 @@ class StructuredPruner:
         self.cap = cap
         layer_macs = _layer_macs(self.model, self.example_inputs[:1])
         candidates = []  # (score, info id, channel / unit index)
-        info = []  # (group or AttentionSlot, removable, multiple, MACs per channel / unit)
+        info = []  # (group or AttentionSlot, removable, MACs per channel / unit)
         for gid, group in enumerate(self.groups()):
             scores = folder(group)
             if scores is None:
                 continue
             n = len(scores)
             removable = n - self._floor(group)
-            mult = _round_multiple(group)
-            removable -= removable % mult
-            info.append((group, removable, mult, _channel_cost(group, layer_macs, self.DG)))
+            info.append((group, removable, _channel_cost(group, layer_macs, self.DG)))
             if removable <= 0:
                 continue
             for c in range(n):
                 candidates.append((float(scores[c]), len(info) - 1, c))
         for slot in attention_slots(self.model, folder, layer_macs, cap, self.prune_heads):
-            info.append((slot, slot.removable, 1, slot.cost))
+            info.append((slot, slot.removable, slot.cost))
             # Units in removal order; their scores never decrease, so the stable sort keeps it.
             candidates.extend((float(s), len(info) - 1, r) for r, s in enumerate(slot.unit_scores))
         self.scored_units = len(candidates) + sum(1 for it in info if it[1] <= 0)
@@ -226,7 +215,7 @@ class StructuredPruner:
         for score, gi, c in candidates:
             if spent >= budget_macs:
                 break
-            group, removable, mult, cost = info[gi]
+            group, removable, cost = info[gi]
             picked = chosen.setdefault(gi, [])
             if len(picked) >= removable:
                 continue
@@ -234,14 +223,12 @@ class StructuredPruner:
             spent += cost
         plan = []
         for gi, idxs in chosen.items():
-            group, removable, mult, cost = info[gi]
+            group = info[gi][0]
             if isinstance(group, AttentionSlot):
                 plan.append((group, len(idxs)))
                 continue
-            keep = len(idxs) - len(idxs) % mult
-            if keep > 0:
-                root = group[0].dep
-                plan.append((root.target.module, root.handler, sorted(idxs[:keep])))
+            root = group[0].dep
+            plan.append((root.target.module, root.handler, sorted(idxs)))
         return plan
 
     def apply(self, plan, compensate: Optional[Callable] = None, state: Optional[dict] = None):
