@@ -172,7 +172,7 @@ class StructuredPruner:
         return list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                            root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
 
-    def _floor(self, group) -> int:
+    def _floor(self, group, cap: float) -> int:
         """The fewest channels this group may keep (every layer keeps >= (1-cap) of its original)."""
         floor = 1
         for dep, _ in group:
@@ -181,7 +181,7 @@ class StructuredPruner:
             if name not in self.original_widths:
                 continue
             side = "out" if self.DG.is_out_channel_pruning_fn(dep.handler) else "in"
-            floor = max(floor, math.ceil(self.original_widths[name][side] * (1 - self.cap)))
+            floor = max(floor, math.ceil(self.original_widths[name][side] * (1 - cap)))
         return floor
 
     def plan_step(self, folder: ScoreFolder, budget_macs: float, cap: float):
@@ -189,16 +189,15 @@ class StructuredPruner:
 
         Returns a list of (root module, handler, channel indices) for torch-pruning groups and
         (AttentionSlot, count) for attention units."""
-        self.cap = cap
         layer_macs = _layer_macs(self.model, self.example_inputs[:1])
         candidates = []  # (score, info id, channel / unit index)
         info = []  # (group or AttentionSlot, removable, MACs per channel / unit)
-        for gid, group in enumerate(self.groups()):
+        for group in self.groups():
             scores = folder(group)
             if scores is None:
                 continue
             n = len(scores)
-            removable = n - self._floor(group)
+            removable = n - self._floor(group, cap)
             info.append((group, removable, _channel_cost(group, layer_macs, self.DG)))
             if removable <= 0:
                 continue
