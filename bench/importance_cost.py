@@ -9,6 +9,8 @@ For every model it times, interleaved round-robin after one warm-up call each:
   Taylor   θ ⊙ g (one forward, one backward)
   OBA      θ ⊙ H̃θ (pruners.oba.oba_batch_scores)
   fastOBA2 θ ⊙ Hθ  (pruners.fastoba.fastoba_batch_scores, order 2)
+  nested2  θ ⊙ Hθ by plain double backward through the full gradient (the reference fastOBA(2)
+           is measured against; pruners.fastoba.nested_scores)
 and prints median seconds per batch and the ratio to the training step. All in train mode.
 
 Peak memory per method:
@@ -36,10 +38,10 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from models import get_model  # noqa: E402
-from pruners.fastoba import fastoba_batch_scores  # noqa: E402
+from pruners.fastoba import fastoba_batch_scores, nested_scores  # noqa: E402
 from pruners.oba import oba_batch_scores  # noqa: E402
 
-METHODS = ("train", "Taylor", "OBA", "fastOBA2")
+METHODS = ("train", "Taylor", "OBA", "fastOBA2", "nested2")
 RESOLUTION = {"vit_b_16": 224, "resnet50": 224}
 
 
@@ -72,7 +74,8 @@ def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
     return {"train": train, "Taylor": taylor,
             "OBA": lambda: oba_batch_scores(model, x, y, loss_fn),
-            "fastOBA2": lambda: fastoba_batch_scores(model, x, y, loss_fn, order=2)}
+            "fastOBA2": lambda: fastoba_batch_scores(model, x, y, loss_fn, order=2),
+            "nested2": lambda: nested_scores(model, x, y, loss_fn, order=2)}
 
 
 def _sync(device: str):
@@ -140,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=None,
                         help="override every model's batch size")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="what to time (train is always included: ratios are to it)")
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--_memory_probe", nargs=2, metavar=("MODEL", "METHOD"),
                         help=argparse.SUPPRESS)
@@ -161,8 +166,9 @@ def main(argv=None):
         batch = args.batch_size or default_batch(name, args.device)
         repeats = args.repeats or (2 if RESOLUTION.get(name) == 224 and args.device == "cpu"
                                    else 5)
-        medians = time_methods(name, batch, args.device, repeats, METHODS)
-        for m in METHODS:
+        methods = ["train"] + [m for m in args.methods if m != "train"]
+        medians = time_methods(name, batch, args.device, repeats, methods)
+        for m in methods:
             mem = "-" if args.no_memory else \
                 f"{memory_in_subprocess(name, batch, args.device, m, args.threads):9.0f}"
             print(f"{name:10} {batch:5d} {m:9} {medians[m]:9.3f} "

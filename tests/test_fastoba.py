@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pruners.fastoba import fastoba_batch_scores
+from pruners.fastoba import fastoba_batch_scores, nested_scores
 from pruners.oba import decomposed_attention
 from pruners.registry import CriterionError, parameter_scores
 
@@ -145,3 +145,77 @@ def test_order_two_through_multihead_attention():
         want = theta * (torch.autograd.functional.hessian(loss_of, theta) @ theta)
     got = _flat(fastoba_batch_scores(net, x, y, loss_fn, order=2), names)
     assert (got - want).norm() / want.norm() < 1e-10
+
+
+class ShortcutCases(nn.Module):
+    """Every case of the order-2 shortcut: convolutions with and without bias, train- or
+    eval-mode BatchNorm, one activation feeding two convolutions, a grouped and a transposed
+    convolution, a convolution output modified in place, a linear layer applied twice to 3-D
+    input (shared weight), a weight also used outside its layer call (its bias still covered),
+    a bias also used elsewhere (its weight still covered), a free-standing parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.conv4 = nn.Conv2d(3, 3, 1)
+        self.up = nn.ConvTranspose2d(3, 2, 3, padding=1)
+        self.shared = nn.Linear(2, 2)
+        self.scale = nn.Parameter(torch.tensor(0.8))
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.conv1(x)))
+        r = self.conv2(h) + self.conv3(h)
+        r = self.conv4(F.relu(r))
+        r.mul_(0.5)  # in place on a conv output: conv4 falls back to the generic path
+        u = torch.tanh(self.up(r) + 0.3 * self.up.bias.view(1, -1, 1, 1))
+        t = u.flatten(2).transpose(1, 2)  # (batch, 16 tokens, 2)
+        t = self.shared(torch.tanh(self.shared(t))) * self.scale
+        v = t.mean(1)
+        return self.head(v) + F.linear(v, 0.5 * self.head.weight)
+
+
+def _shortcut_covered(model, x):
+    """Names of the parameters that the order-2 shortcut covers for this forward."""
+    from pruners.fastoba import _LayerCallRecorder, _shortcut_calls
+    named = dict(model.named_parameters())
+    recorder = _LayerCallRecorder(list(named.values()))
+    with recorder:
+        model(x)
+    _, direct = _shortcut_calls(recorder)
+    return {n for n, p in named.items() if id(p) in direct}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_order_two_shortcut_equals_brute_force(train):
+    torch.manual_seed(0)
+    model = ShortcutCases().to(DT)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.bias.uniform_(-0.3, 0.3)
+    model.train(train)
+    x = torch.randn(3, 2, 4, 4, dtype=DT)
+    y = torch.tensor([0, 2, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    assert _shortcut_covered(model, x) == {
+        "conv1.weight", "conv1.bias", "conv2.weight", "conv3.weight", "conv3.bias",
+        "up.weight", "shared.weight", "shared.bias", "head.bias"}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    got = fastoba_batch_scores(model, x, y, loss_fn, order=2, delta=0.25)
+    model.load_state_dict(state)  # the train-mode forward moved the running statistics
+    names, theta, loss_of = _flat_loss(model, x, y, loss_fn)
+    hessian = torch.autograd.functional.hessian(loss_of, theta)
+    grad = torch.autograd.functional.jacobian(loss_of, theta)
+    want = theta * (hessian @ theta) + 0.25 * grad * theta
+    assert (_flat(got, names) - want).norm() / want.norm() < 1e-10
+    # the plain double-backward path agrees
+    model.load_state_dict(state)
+    nested_names, h_theta, _ = nested_scores(model, x, y, loss_fn, 2)
+    assert nested_names == names
+    assert torch.allclose(theta * torch.cat([t.reshape(-1) for t in h_theta]),
+                          want - 0.25 * grad * theta, rtol=1e-10, atol=1e-12)
