@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .oba import _RULES, _Sink, _Slot, _map_tensors, decomposed_attention
+from .oba import _RULES, _Sink, _Slot, _map_tensors, _tensors, decomposed_attention
 from .registry import (CriterionError, Method, ScoreDict, average_batch_scores, preserved_state,
                        register)
 
@@ -85,21 +85,10 @@ class _LayerCallRecorder(decomposed_attention):
                 out = func(*args, **kwargs)
                 self.calls.append(_LayerCall(out, x, alias, w, bias, bias_to_output))
                 return out
-        for t in _flat_tensors((args, kwargs)):
+        for t in _tensors((args, kwargs), []):
             if id(t) in self.scored:
                 self.elsewhere.add(id(t))
         return func(*args, **kwargs)
-
-
-def _flat_tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from _flat_tensors(item)
-    elif isinstance(tree, dict):
-        for item in tree.values():
-            yield from _flat_tensors(item)
 
 
 def _shortcut_calls(recorder: _LayerCallRecorder):
@@ -220,6 +209,8 @@ def fastoba_batch_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.
 def _grad(output, params, create_graph):
     grads = torch.autograd.grad(output, params, create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
 def estimate_fastoba(model: nn.Module, batches, loss_fn: Callable, order: int = 2,
                      delta: float = 0.0, fastoba_delta: float = 1.0) -> ScoreDict:
     """fastOBA scores averaged over batches; weights, buffers and train/eval flags unchanged."""
@@ -239,4 +230,4 @@ def estimate_fastoba(model: nn.Module, batches, loss_fn: Callable, order: int = 
 register(Method(
     name="fastOBA", estimate=estimate_fastoba, in_channels=True,
     options=("order", "delta", "fastoba_delta"),
-    description="k-th order Taylor term θ ⊙ ∂ᵏL[θ,…,θ] by nested autograd (order 2: θ ⊙ Hθ)"))
+    description="k-th order Taylor term θ ⊙ ∂ᵏL[θ,…,θ] (order 2: the exact θ ⊙ Hθ)"))
