@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .init import init_conv_bn
-import torch.nn.functional as F
 
 
 class PreActBottleneck(nn.Module):

@@ -155,12 +155,11 @@ def hessian_theta_product(model: nn.Module, inputs: torch.Tensor, targets: torch
             terms.append((g * p.detach()).sum())
     del calls, aliased, g_out, g_alias
 
-    hv = [None] * len(params)
     if terms:
-        directional = torch.stack(terms).sum()
-        del terms
-        hv = list(torch.autograd.grad(directional, params, allow_unused=True))
-    hv = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
+        hv = _grad(torch.stack(terms).sum(), params, create_graph=False)
+    else:
+        hv = [torch.zeros_like(p) for p in params]
+    del terms
     first = None
     if need_grad:
         first = [torch.zeros_like(p) if g_param.get(id(p)) is None else g_param[id(p)].detach()

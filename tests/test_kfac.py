@@ -10,7 +10,6 @@ from pruners.kfac_criteria import (KRON_OBS, kron_obs_compensate, obd_obs_loss_c
 from pruners.registry import get_method, parameter_scores
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     """These checks are float64 maths; restore the default so other test files are unaffected."""

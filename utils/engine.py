@@ -102,6 +102,11 @@ def _open_writer(log_dir: Optional[Path]):
     return SummaryWriter(log_dir=str(log_dir))
 
 
+def _cpu_state(model: nn.Module) -> dict:
+    """A CPU copy of the model's state, safe from later in-place updates."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: Path,
           resume: bool = False, log_dir: Optional[Path] = None, progress: bool = True,
           desc: str = "train", meta: Optional[dict] = None) -> TrainResult:
@@ -138,7 +143,7 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
         # on the validation split than the one it was given.
         best_acc = evaluate(model, loaders.val, device)[1]
         best_epoch = 0
-        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        best_state = _cpu_state(model)
     writer = _open_writer(log_dir)
     t0 = time.perf_counter()
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
@@ -171,7 +176,7 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
             history.append(record)
             if val_acc > best_acc:
                 best_acc, best_epoch = val_acc, epoch + 1
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_state = _cpu_state(model)
             if writer is not None:
                 for k, v in record.items():
                     if k != "epoch":
