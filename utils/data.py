@@ -362,22 +362,48 @@ def _folder_bases(key: str, root: Path):
 
 # ----------------------------------------------------------------------------- transforms
 
-def build_transforms(info: DatasetInfo, augment: bool = True) -> Tuple[Callable, Callable]:
+AUTO_AUGMENT_POLICIES = ("ta_wide", "ra", "imagenet", "cifar10", "svhn")
+
+
+def _auto_augment(policy: Optional[str]) -> List[Callable]:
+    """torchvision's automatic augmentation called `policy` (the names of torchvision's
+    classification reference: ta_wide, ra, or an AutoAugment policy), as a list of PIL transforms."""
+    if not policy or policy == "none":
+        return []
+    if policy == "ta_wide":
+        return [T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR)]
+    if policy == "ra":
+        return [T.RandAugment(interpolation=T.InterpolationMode.BILINEAR)]
+    if policy in ("imagenet", "cifar10", "svhn"):
+        return [T.AutoAugment(T.AutoAugmentPolicy(policy), interpolation=T.InterpolationMode.BILINEAR)]
+    raise DataError(f"unknown --auto-augment policy '{policy}'; choose one of: "
+                    f"{', '.join(AUTO_AUGMENT_POLICIES)} or none")
+
+
+def build_transforms(info: DatasetInfo, augment: bool = True,
+                     auto_augment: Optional[str] = None) -> Tuple[Callable, Callable]:
     """(train transform, eval transform) for a dataset; the train one equals the eval one when
-    `augment` is False."""
+    `augment` is False. ImageNet-style data is resized to 256/224 of `info.image_size` and
+    centre-cropped for evaluation (random-resized crops for training)."""
     normalize = T.Normalize(info.mean, info.std)
+    extra = _auto_augment(auto_augment) if augment else []
     if info.name == "digits":  # tensors already 3x32x32 in [0,1]; no flips: digits are not symmetric
         eval_tf = normalize
         train_tf = T.Compose([T.RandomCrop(32, padding=2), normalize])
     elif info.name in ("cifar10", "cifar100"):
         eval_tf = T.Compose([T.ToTensor(), normalize])
-        train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+        train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *extra,
+                              T.ToTensor(), normalize])
     elif info.name == "tiny_imagenet":
         eval_tf = T.Compose([T.ToTensor(), normalize])
-        train_tf = T.Compose([T.RandomCrop(64, padding=8), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+        train_tf = T.Compose([T.RandomCrop(64, padding=8), T.RandomHorizontalFlip(), *extra,
+                              T.ToTensor(), normalize])
     else:  # imagenet
-        eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
-        train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+        crop = info.image_size
+        resize = int(round(crop * 256 / 224))
+        eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), normalize])
+        train_tf = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), *extra,
+                              T.ToTensor(), normalize])
     return (train_tf if augment else eval_tf), eval_tf
 
 
@@ -417,7 +443,8 @@ def _check_arguments(batch_size, eval_batch_size, num_workers, val_fraction) -> 
 def build_loaders(dataset: str, data_root: Optional[os.PathLike] = None, batch_size: int = 128,
                   eval_batch_size: Optional[int] = None, num_workers: int = 0, download: bool = False,
                   val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
-                  pin_memory: bool = False, config_path: Optional[os.PathLike] = None) -> Loaders:
+                  pin_memory: bool = False, config_path: Optional[os.PathLike] = None,
+                  image_size: Optional[int] = None, auto_augment: Optional[str] = None) -> Loaders:
     """Train / validation / test loaders for `dataset`.
 
     The validation split is `val_fraction` of the training set chosen by `seed` and read with
@@ -425,12 +452,21 @@ def build_loaders(dataset: str, data_root: Optional[os.PathLike] = None, batch_s
     depend on `seed` or `val_fraction`. The train loader shuffles with its own generator seeded
     by `seed` (same seed, same order) and drops a last partial batch when there is more than
     one batch (a lone sample would break BatchNorm in training mode).
+    image_size: ImageNet crop size (default 224);
+    a smaller one makes quick runs on CPU. auto_augment: a policy of `AUTO_AUGMENT_POLICIES`.
     """
     key = canonical_name(dataset)
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
     _check_arguments(batch_size, eval_batch_size, num_workers, val_fraction)
     info = get_dataset_info(key)
-    train_tf, eval_tf = build_transforms(info, augment)
+    if image_size is not None:
+        if key != "imagenet":
+            raise DataError(f"--image_size applies to imagenet only, not {key}; "
+                            "drop the flag")
+        if not isinstance(image_size, int) or image_size < 8:
+            raise DataError(f"--image_size must be an integer of at least 8, got {image_size!r}")
+        info = replace(info, image_size=image_size)
+    train_tf, eval_tf = build_transforms(info, augment, auto_augment)
 
     if key == "digits":
         train_base, val_base, test_base = _digits_bases()
