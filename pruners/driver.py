@@ -27,6 +27,7 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 from models.attention import convert_attention, refresh_width_attributes
+from utils.distributed import check_same_model
 from utils.flops import count_macs, count_params
 
 from .attention_units import AttentionSlot, attention_projections, attention_slots
@@ -311,6 +312,7 @@ def prune_to_target(model: nn.Module, method_name: str, batches: Callable[[int],
         if removed and recalibrate is not None:
             recalibrate(model)
         steps += 1
+        check_same_model(model, f"pruning step {steps}")  # torchrun: all processes agree
         new_macs = count_macs(model, example_inputs[:1])
         t2 = time.perf_counter()
         t_est += t1 - t0

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.distributed import all_reduce_dict, all_reduce_sum, is_distributed
+
 from .registry import Batch, CriterionError, model_device, preserved_state, to_device
 
 FISHER_TYPES = ("true", "empirical")
@@ -304,11 +306,35 @@ def collect_kfac_statistics(model: nn.Module, batches: Iterable[Batch], loss_fn:
             x, y = to_device(batch, device)
             examples += x.shape[0]
             _accumulate_batch(model, layers, accumulators, x, y, loss_fn, fisher_type)
+    if is_distributed():
+        examples = _sum_over_processes(accumulators, examples)
     if examples == 0:
         raise CriterionError("no batches were given for K-FAC estimation; "
                              "pass at least one (inputs, targets) batch")
     results = {key: acc.result(examples) for key, acc in accumulators.items()}
     return {key: st for key, st in results.items() if st is not None}
+
+
+def _sum_over_processes(accumulators: Dict[str, "_Accumulator"], examples: int) -> int:
+    """Add every process's running sums and counts (torchrun): the factors then equal those of
+    one process over all the batches. Returns the total example count."""
+    sums, counts = {}, [float(examples)]
+    for key in sorted(accumulators):
+        acc = accumulators[key]
+        for field in ("S", "A", "A_channels", "F"):
+            value = getattr(acc, field)
+            if value is not None:
+                sums[f"{key}\0{field}"] = value
+        counts += [float(acc.positions), float(acc.channel_positions)]
+    sums = all_reduce_dict(sums)
+    totals = all_reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
+    for name, value in sums.items():
+        key, field = name.split("\0")
+        setattr(accumulators[key], field, value)
+    for i, key in enumerate(sorted(accumulators)):
+        accumulators[key].positions = int(totals[1 + 2 * i])
+        accumulators[key].channel_positions = int(totals[2 + 2 * i])
+    return int(totals[0])
 
 
 def _accumulate_batch(model, layers, accumulators, x, y, loss_fn, fisher_type) -> None:

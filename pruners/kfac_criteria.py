@@ -186,6 +186,11 @@ def _eigen_estimate(model, batches, loss_fn, **options):
     return eigen_parameter_scores(model, batches, loss_fn, **options)
 
 
+def _eigen_prune(model, batches, loss_fn, example_inputs, target_ratio, **options):
+    from .eigendamage import prune_to_macs_target
+    return prune_to_macs_target(model, batches, loss_fn, example_inputs, target_ratio, **options)
+
+
 C_OBD = register(Method("C-OBD", c_obd_scores, in_channels=False, options=OPTIONS,
                         description="w² · diagonal Fisher (per-example gradients)"))
 C_OBS = register(Method("C-OBS", c_obs_scores, in_channels=False, options=OPTIONS,
@@ -196,5 +201,6 @@ KRON_OBS = register(Method("Kron-OBS", kron_obs_scores, in_channels=False, optio
                            compensate=kron_obs_compensate,
                            description="filter: ½ θ_iᵀ A θ_i / [S⁻¹]_ii, with the OBS update"))
 EIGEN = register(Method("Eigen", _eigen_estimate, in_channels=False, options=("fisher_type",),
+                        prune_to_target=_eigen_prune, prune_options=("fisher_type", "depthwise"),
                         description="EigenDamage; structured pruning re-parameterises layers "
                                     "(pruners.eigendamage.prune_to_macs_target)"))

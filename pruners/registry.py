@@ -13,6 +13,8 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from utils.distributed import all_reduce_dict, all_reduce_sum, is_distributed
+
 ScoreDict = Dict[str, torch.Tensor]
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -36,6 +38,15 @@ class Method:
         before they are removed (Kron-OBS weight update); `state` is what estimate stored
         in `Method.state`.
     options: the names of keyword options `estimate` understands (for clear errors).
+    prune_to_target: set for criteria that do not remove channels but rebuild the network
+        (EigenDamage's bottlenecks): prune_to_target(model, batches, loss_fn, example_inputs,
+        target_ratio, max_pruning_ratio=..., classifier=..., **options) -> (network, info),
+        target_ratio relative to `model`'s own MACs; the structured scripts call it instead of
+        the channel driver.
+
+    Under torchrun, `estimate` sees this process's share of the batches; the two places that
+    accumulate over batches (`average_batch_scores` here, and the K-FAC statistics) sum over all
+    processes, so every process gets the scores of the whole set of batches.
     """
 
     name: str
@@ -47,6 +58,8 @@ class Method:
     options: Tuple[str, ...] = ()
     needs_data: bool = True
     description: str = ""
+    prune_to_target: Optional[Callable[..., Tuple[nn.Module, dict]]] = None
+    prune_options: Tuple[str, ...] = ()  # keyword options of prune_to_target beyond `options`
     state: dict = field(default_factory=dict)
 
 
@@ -116,7 +129,10 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 def average_batch_scores(model: nn.Module, batches: Iterable[Batch],
                          per_batch: Callable[[nn.Module, torch.Tensor, torch.Tensor], ScoreDict]
                          ) -> ScoreDict:
-    """Mean over batches of `per_batch(model, x, y)`; the shared loop of most criteria."""
+    """Mean over batches of `per_batch(model, x, y)`; the shared loop of most criteria.
+
+    Under torchrun the sums and the batch count are added up over all processes first, so the
+    result is the mean over every process's batches (the same on all of them)."""
     device = model_device(model)
     total: ScoreDict = {}
     count = 0
@@ -127,6 +143,9 @@ def average_batch_scores(model: nn.Module, batches: Iterable[Batch],
             v = v.detach()
             total[k] = total[k] + v if k in total else v.clone()
         count += 1
+    if is_distributed():
+        total = all_reduce_dict(total)
+        count = int(all_reduce_sum(torch.tensor(count, dtype=torch.float64)).item())
     if count == 0:
         raise CriterionError("no batches were given for importance estimation; "
                              "pass at least one (inputs, targets) batch")

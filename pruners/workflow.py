@@ -1,5 +1,10 @@
 """The steps the scripts are made of: get the dense network, prune to a target, fine-tune, record.
 
+The CIFAR scripts (train_prune.py, iterative_prune.py) and prune_imagenet.py are made of these
+steps. Under torchrun (prune_imagenet.py) every process runs the same steps on its share of the
+importance batches; scores are summed over processes inside the criteria, every process removes
+the same channels (checked after each step), and only rank 0 writes files.
+
 Paths (all relative to the current directory unless absolute):
   dense checkpoint   <save_path_prefix>/<dataset>_<model>.pth      (or --pretrained)
   its training state <save_path_prefix>/<dataset>_<model>.train.pth (per epoch, for --resume)
@@ -15,15 +20,17 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 from models import get_classifier, get_model
 from utils.checkpoint import (FORMAT, CheckpointError, check_writable, load_checkpoint,
                               load_pruned_model, load_state_into, save_atomic,
                               save_pruned_model, write_json)
-from utils.cli import default_milestones, method_options, resolve_device
-from utils.data import build_loaders, iterate_batches
-from utils.engine import TrainConfig, evaluate, recalibrate_batchnorm, seed_everything, train
+from utils.cli import default_milestones, method_options
+from utils.data import BatchStream, build_loaders
+from utils.distributed import (DistInfo, average_batchnorm_statistics, check_same_model,
+                               init_distributed)
+from utils.engine import (TrainConfig, evaluate_metrics, recalibrate_batchnorm, seed_everything,
+                          train)
 from utils.flops import count_macs, count_params, format_count
 
 from .driver import PruneSettings, channel_widths, prune_to_target
@@ -37,28 +44,47 @@ class Context:
     loaders: object
     example_inputs: torch.Tensor
     out_dir: Path
+    dist: DistInfo
+    batches: Callable  # batches(n, shard=True) -> n fresh training batches (this process's share)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def progress(self) -> bool:
+        return bool(self.args.progress) and self.is_main
 
 
-def setup(args) -> Context:
-    """Validate what can be validated before any long work, then build the data loaders."""
+def setup(args, importance_batch_size: Optional[int] = None) -> Context:
+    """Validate what can be validated before any long work, join the torchrun process group if
+    there is one, then build the data loaders."""
     from models import available_models
     if args.model not in available_models():
         get_model(args.model, 10)  # raises the one-line "unknown model" error
     importance = getattr(args, "importance_type", None)
     if importance is not None:
         get_method(importance)
-    device = resolve_device(args.device)
+    dist = init_distributed(args.device)
     seed_everything(args.seed)
     out = args.output_dir or f"outputs/{args.dataset}_{args.model}" + (
         f"_{importance}" if importance else "")
-    out_dir = check_writable(out)
-    check_writable(args.save_path_prefix)
+    out_dir = Path(out)
+    if dist.is_main:
+        check_writable(out_dir)
+        check_writable(args.save_path_prefix)
     loaders = build_loaders(args.dataset, data_root=args.data_root, batch_size=args.batch_size,
                             eval_batch_size=args.eval_batch_size, num_workers=args.num_workers,
                             download=args.download, val_fraction=args.val_fraction, seed=args.seed,
-                            pin_memory=device.type == "cuda")
-    example = loaders.example_inputs(2).to(device)
-    return Context(args, device, loaders, example, out_dir)
+                            pin_memory=dist.device.type == "cuda",
+                            image_size=getattr(args, "image_size", None))
+    example = loaders.example_inputs(2).to(dist.device)
+    # Importance batches come from a stream of their own, seeded by --seed, so the same seed gives
+    # the same masks whether the dense network was just trained in this process or loaded.
+    train = loaders.train
+    stream = BatchStream(train.dataset, importance_batch_size or train.batch_size, args.seed,
+                         num_workers=train.num_workers, pin_memory=dist.device.type == "cuda")
+    return Context(args, dist.device, loaders, example, out_dir, dist, stream)
 
 
 def dense_paths(args):
@@ -68,6 +94,17 @@ def dense_paths(args):
         stem += f"_l1-{args.sparsity_l1:g}"
     final = Path(args.pretrained) if args.pretrained else prefix / f"{stem}.pth"
     return final, prefix / f"{stem}.train.pth"
+
+
+def load_pretrained(ctx: Context) -> nn.Module:
+    """The pretrained network of --model/--weights (a torchvision weights name from the torch hub
+    cache, or a local file), classifier sized to the dataset. Never trains."""
+    args = ctx.args
+    kwargs = {}
+    if args.model.startswith("vit_") and getattr(args, "image_size", None):
+        kwargs["image_size"] = args.image_size  # ViT position embeddings are sized to the input
+    return get_model(args.model, ctx.loaders.num_classes, weights=args.weights,
+                     **kwargs).to(ctx.device)
 
 
 def _regularizer(args) -> Optional[Callable]:
@@ -93,8 +130,10 @@ def load_or_train_dense(ctx: Context) -> nn.Module:
     if args.pretrained:
         raise CheckpointError(f"--pretrained {final} does not exist; check the path or drop the flag "
                               "to train the dense network")
+    if args.weights:
+        return model  # pretrained weights are pruned as they are, never re-trained
     if args.num_epochs <= 0:
-        return model  # e.g. ImageNet weights supplied through --weights
+        return model
     cfg = TrainConfig(epochs=args.num_epochs, lr=args.lr,
                       milestones=default_milestones(args.num_epochs, args.milestones),
                       gamma=args.lr_gamma, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -102,7 +141,7 @@ def load_or_train_dense(ctx: Context) -> nn.Module:
     meta = {"arch": args.model, "num_classes": ctx.loaders.num_classes, "dataset": args.dataset}
     result = train(model, ctx.loaders, cfg, ctx.device, partial, resume=args.resume,
                    log_dir=(ctx.out_dir / "tb" / "dense") if args.tensorboard else None,
-                   progress=args.progress, desc="dense training", meta=meta)
+                   progress=ctx.progress, desc="dense training", meta=meta)
     save_atomic({"format": FORMAT, "kind": "dense", **meta, "state_dict": model.state_dict(),
                  "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch}, final)
     return model
@@ -117,25 +156,17 @@ def prune_settings(args, target: float) -> PruneSettings:
                          method_options=method_options(args, method))
 
 
-def importance_batches(ctx: Context) -> Callable:
-    """batches(n) -> n training batches for importance estimation, from a loader of its own seeded
-    by --seed, so the same seed gives the same masks whether the dense network was just trained in
-    this process or loaded from disk."""
-    train = ctx.loaders.train
-    loader = DataLoader(train.dataset, batch_size=train.batch_size, shuffle=True, drop_last=train.drop_last,
-                        num_workers=train.num_workers, collate_fn=train.collate_fn,
-                        generator=torch.Generator().manual_seed(ctx.args.seed))
-
-    def make(n):
-        return iterate_batches(loader, n)
-    return make
-
-
-def _recalibrator(ctx: Context, batches: Callable) -> Optional[Callable]:
+def _recalibrator(ctx: Context) -> Optional[Callable]:
+    """model -> None: re-estimate BatchNorm statistics on --bn_recalibration_batches batches
+    (shared out over processes and averaged back, so every process ends with the same ones)."""
     n = ctx.args.bn_recalibration_batches
     if n <= 0:
         return None
-    return lambda model: recalibrate_batchnorm(model, batches(n), ctx.device)
+
+    def recalibrate(model):
+        used = recalibrate_batchnorm(model, ctx.batches(n), ctx.device)
+        average_batchnorm_statistics(model, used)
+    return recalibrate
 
 
 def prune_model(ctx: Context, model: nn.Module, target: float, reference_macs: int,
@@ -144,30 +175,56 @@ def prune_model(ctx: Context, model: nn.Module, target: float, reference_macs: i
     args = ctx.args
     loss_fn = nn.CrossEntropyLoss()
     classifier = get_classifier(model)
-    if args.importance_type == "Eigen":
-        from .eigendamage import prune_to_macs_target
-        # EigenDamage searches its global threshold against the network it is given.
+    method = get_method(args.importance_type)
+    if method.prune_to_target is not None:
+        # The criterion rebuilds the network (EigenDamage) and searches its own global threshold
+        # against the network it is given.
         current = count_macs(model, ctx.example_inputs[:1])
         rel_target = target * reference_macs / current
         if rel_target >= 1.0:
             return model, {"steps": 0, "seconds_estimating": 0.0, "seconds_pruning": 0.0}
         t0 = time.perf_counter()
-        batches = list(importance_batches(ctx)(args.iters_per_step))
-        pruned, info = prune_to_macs_target(
+        batches = list(ctx.batches(args.iters_per_step))
+        options = method_options(args, method, method.options + method.prune_options)
+        pruned, info = method.prune_to_target(
             model, batches, loss_fn, ctx.example_inputs[:1], rel_target,
-            max_pruning_ratio=args.max_pruning_ratio, classifier=classifier,
-            fisher_type=args.fisher_type, depthwise=args.depthwise)
+            max_pruning_ratio=args.max_pruning_ratio, classifier=classifier, **options)
+        check_same_model(pruned, f"{args.importance_type} pruning")
         total = time.perf_counter() - t0
         est = float(info.get("seconds_estimating", 0.0))
         return pruned, {"steps": 1, "seconds_estimating": est, "seconds_pruning": total - est,
                         "eigen_prune_ratio": info.get("prune_ratio")}
-    batches = importance_batches(ctx)
-    report = prune_to_target(model, args.importance_type, batches, loss_fn,
+    report = prune_to_target(model, args.importance_type, ctx.batches, loss_fn,
                              ctx.example_inputs, prune_settings(args, target), [classifier],
                              reference_macs=reference_macs, original_widths=original_widths,
-                             progress=args.progress, recalibrate=_recalibrator(ctx, batches))
+                             progress=ctx.progress, recalibrate=_recalibrator(ctx))
     return model, {"steps": report.steps, "seconds_estimating": report.seconds_estimating,
                    "seconds_pruning": report.seconds_pruning}
+
+
+def test_metrics(ctx: Context, model: nn.Module) -> dict:
+    """Loss, top-1 and top-5 on the test split (ImageNet: the val folder); all processes agree."""
+    return evaluate_metrics(model, ctx.loaders.test, ctx.device, progress=ctx.progress,
+                            desc="test")
+
+
+def prune_and_measure(ctx: Context, model: nn.Module, target: float, reference_macs: int,
+                      original_widths: Dict, measure: bool = True) -> tuple:
+    """Prune to `target`, then (with `measure`) test accuracy right after pruning, before and
+    after re-estimating BatchNorm statistics (no weight changes either way); the second is what
+    fine-tuning starts from. Returns (model, prune info)."""
+    seed_everything(ctx.args.seed)
+    model, info = prune_model(ctx, model, target, reference_macs, original_widths)
+    model.to(ctx.device)
+    stale = test_metrics(ctx, model) if measure else None
+    recal = _recalibrator(ctx)
+    if recal is not None:
+        recal(model)
+    fresh = test_metrics(ctx, model) if measure else None
+    if measure:
+        info.update(test_acc_pruned_stale_bn=stale["top1"], test_acc_pruned=fresh["top1"],
+                    test_top5_pruned=fresh["top5"], test_loss_pruned=fresh["loss"])
+    return model, info
 
 
 def finetune(ctx: Context, model: nn.Module, target_dir: Path, desc: str) -> dict:
@@ -179,7 +236,7 @@ def finetune(ctx: Context, model: nn.Module, target_dir: Path, desc: str) -> dic
                       gamma=args.lr_gamma, momentum=args.momentum, weight_decay=args.sl_weight_decay)
     result = train(model, ctx.loaders, cfg, ctx.device, target_dir / "finetune.train.pth",
                    resume=args.resume, log_dir=(target_dir / "tb") if args.tensorboard else None,
-                   progress=args.progress, desc=desc)
+                   progress=ctx.progress, desc=desc)
     return {"seconds": result.seconds, "best_val_acc": result.best_val_acc}
 
 
@@ -198,60 +255,72 @@ def prune_and_finetune(ctx: Context, model: nn.Module, target: float, dense: dic
         model, saved = load_pruned_model(init_path, device=ctx.device, with_meta=True)
         prune_info = saved["prune_info"]
     else:
-        seed_everything(args.seed)
-        model, prune_info = prune_model(ctx, model, target, dense["macs"], original_widths)
-        model.to(ctx.device)
-        # Accuracy right after pruning, before and after re-estimating BatchNorm statistics
-        # (no weight changes either way); the second is what fine-tuning starts from.
-        prune_info["test_acc_pruned_stale_bn"] = evaluate(model, ctx.loaders.test, ctx.device)[1]
-        recal = _recalibrator(ctx, importance_batches(ctx))
-        if recal is not None:
-            recal(model)
-        prune_info["test_acc_pruned"] = evaluate(model, ctx.loaders.test, ctx.device)[1]
+        model, prune_info = prune_and_measure(ctx, model, target, dense["macs"], original_widths)
         save_pruned_model(model, init_path, prune_info=prune_info)
+    ft = finetune(ctx, model, tdir, desc=f"fine-tune ops {target:g}")
+    final = test_metrics(ctx, model)
+    record = pruned_record(ctx, model, target, dense, prune_info)
+    record.update(test_acc_finetuned=final["top1"], test_top5_finetuned=final["top5"],
+                  val_acc_finetuned_best=ft["best_val_acc"], seconds_finetune=ft["seconds"])
+    save_pruned_model(model, tdir / "pruned_model.pth", results=record)
+    write_json(record, tdir / "results.json")
+    return model, record
+
+
+def pruned_record(ctx: Context, model: nn.Module, target: float, dense: dict,
+                  prune_info: dict) -> dict:
+    """The results record of one target (fine-tuning fields are added by the caller)."""
+    args = ctx.args
     macs = count_macs(model, ctx.example_inputs[:1])
     params = count_params(model)
-    ft = finetune(ctx, model, tdir, desc=f"fine-tune ops {target:g}")
-    test_loss, test_acc = evaluate(model, ctx.loaders.test, ctx.device)
     record = {
         "dataset": args.dataset, "model": args.model, "importance_type": args.importance_type,
         "target_ops_ratio": target, "achieved_ops_ratio": macs / dense["macs"],
         "achieved_params_ratio": params / dense["params"], "flops_unit": "MACs",
         "dense_macs": dense["macs"], "dense_params": dense["params"],
         "pruned_macs": macs, "pruned_params": params,
-        "test_acc_dense": dense["test_acc"], "test_acc_pruned": prune_info["test_acc_pruned"],
-        "test_acc_pruned_stale_bn": prune_info["test_acc_pruned_stale_bn"],
-        "test_acc_finetuned": test_acc, "val_acc_finetuned_best": ft["best_val_acc"],
+        "test_acc_dense": dense.get("test_acc"), "test_top5_dense": dense.get("test_top5"),
         "seconds_importance": prune_info["seconds_estimating"],
-        "seconds_pruning": prune_info["seconds_pruning"], "seconds_finetune": ft["seconds"],
+        "seconds_pruning": prune_info["seconds_pruning"],
         "pruning_steps": prune_info["steps"], "seed": args.seed,
+        "world_size": ctx.dist.world_size,
         "settings": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))
                      or v is None},
     }
-    if "eigen_prune_ratio" in prune_info:
-        record["eigen_prune_ratio"] = prune_info["eigen_prune_ratio"]
-    save_pruned_model(model, tdir / "pruned_model.pth", results=record)
-    write_json(record, tdir / "results.json")
-    return model, record
+    for key in ("test_acc_pruned", "test_acc_pruned_stale_bn", "test_top5_pruned",
+                "test_loss_pruned", "eigen_prune_ratio"):
+        if key in prune_info:
+            record[key] = prune_info[key]
+    return record
 
 
-def dense_record(ctx: Context, model: nn.Module) -> dict:
-    return {"macs": count_macs(model, ctx.example_inputs[:1]), "params": count_params(model),
-            "test_acc": evaluate(model, ctx.loaders.test, ctx.device)[1]}
+def dense_record(ctx: Context, model: nn.Module, measure: bool = True) -> dict:
+    record = {"macs": count_macs(model, ctx.example_inputs[:1]), "params": count_params(model)}
+    if measure:
+        metrics = test_metrics(ctx, model)
+        record.update(test_acc=metrics["top1"], test_top5=metrics["top5"])
+    return record
 
 
 def summary_line(r: dict) -> str:
-    return (f"{r['importance_type']} ops {r['target_ops_ratio']:g}: MACs {format_count(r['dense_macs'])}"
-            f" -> {format_count(r['pruned_macs'])} (ratio {r['achieved_ops_ratio']:.3f}), params "
-            f"{format_count(r['dense_params'])} -> {format_count(r['pruned_params'])} "
-            f"(ratio {r['achieved_params_ratio']:.3f}); test acc dense {r['test_acc_dense']:.2f}% | "
-            f"pruned {r['test_acc_pruned']:.2f}% | fine-tuned {r['test_acc_finetuned']:.2f}%; "
-            f"importance estimation {r['seconds_importance']:.1f}s")
+    line = (f"{r['importance_type']} ops {r['target_ops_ratio']:g}: MACs "
+            f"{format_count(r['dense_macs'])} -> {format_count(r['pruned_macs'])} (ratio "
+            f"{r['achieved_ops_ratio']:.3f}), params {format_count(r['dense_params'])} -> "
+            f"{format_count(r['pruned_params'])} (ratio {r['achieved_params_ratio']:.3f})")
+    accs = [(label, r.get(key)) for label, key in (("dense", "test_acc_dense"),
+                                                   ("pruned", "test_acc_pruned"),
+                                                   ("fine-tuned", "test_acc_finetuned"))]
+    accs = [f"{label} {value:.2f}%" for label, value in accs if value is not None]
+    if accs:
+        line += "; test acc " + " | ".join(accs)
+    return line + f"; importance estimation {r['seconds_importance']:.1f}s"
 
 
-def report(ctx: Context, records) -> None:
-    """Write summary.json for the run and print one readable line per target."""
-    write_json(records, ctx.out_dir / "summary.json")
+def report(ctx: Context, records, summary_path: Optional[Path] = None) -> None:
+    """Write summary.json for the run and print one readable line per target (rank 0 only)."""
+    if not ctx.is_main:
+        return
+    write_json(records, summary_path or ctx.out_dir / "summary.json")
     print(f"\nResults ({ctx.out_dir}):")
     for r in records:
         print("  " + summary_line(r))

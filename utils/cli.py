@@ -30,6 +30,15 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
                default_dataset: str = "digits") -> None:
+    """Everything the CIFAR-style scripts share: data and model, run, dense training, fine-tuning."""
+    add_data_model(p, default_model, default_dataset)
+    add_run(p)
+    add_dense_training(p)
+    add_finetuning(p)
+
+
+def add_data_model(p: argparse.ArgumentParser, default_model: str = "resnet20",
+                   default_dataset: str = "digits", default_weights: Optional[str] = None) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=default_dataset,
                    help="digits (embedded), cifar10, cifar100, tiny_imagenet, imagenet")
@@ -37,16 +46,23 @@ def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                    help="download CIFAR when missing (needs internet)")
     g.add_argument("--model", default=default_model, help="network name (see models.available_models)")
-    g.add_argument("--weights", default=None,
-                   help="torchvision weights name or local file for resnet50 / vit_b_16")
+    g.add_argument("--weights", default=default_weights,
+                   help="torchvision weights name (read from the torch hub cache) or a local file; "
+                        "a network given weights is pruned as it is, never re-trained")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="imagenet: crop size (default 224; smaller for quick runs)")
     g.add_argument("--batch_size", type=int, default=128)
     g.add_argument("--eval_batch_size", type=int, default=None)
     g.add_argument("--num_workers", type=int, default=0)
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="fraction of the training set held out to pick checkpoints")
 
+
+def add_run(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda when available), cpu, cuda, cuda:N; under torchrun each process "
+                        "uses GPU LOCAL_RANK")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output_dir", default=None, help="where results and pruned models go")
     g.add_argument("--save_path_prefix", default="checkpoints",
@@ -59,6 +75,8 @@ def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bars")
 
+
+def add_dense_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dense training")
     g.add_argument("--num_epochs", type=int, default=200)
     g.add_argument("--lr", type=float, default=0.1)
@@ -70,6 +88,8 @@ def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
     g.add_argument("--sparsity_l1", type=float, default=0.0,
                    help="L1 penalty on BatchNorm scales while training the dense model (NN Slimming)")
 
+
+def add_finetuning(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning after pruning")
     g.add_argument("--sl_num_epochs", type=int, default=40)
     g.add_argument("--sl_lr", type=float, default=0.01)
@@ -78,14 +98,15 @@ def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
     g.add_argument("--sl_weight_decay", type=float, default=5e-4)
 
 
-def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA") -> None:
+def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA",
+                iterative_steps: int = 16, iters_per_step: int = 10) -> None:
     g = p.add_argument_group("pruning")
     g.add_argument("--importance_type", default=default_importance,
                    help="OBA, fastOBA, Weight, Taylor, Random, C-OBD, C-OBS, Kron-OBD, Kron-OBS, "
                         "Eigen, Slim")
-    g.add_argument("--iterative_steps", type=int, default=16,
+    g.add_argument("--iterative_steps", type=int, default=iterative_steps,
                    help="pruning steps of the exponential schedule to reach a target")
-    g.add_argument("--iters_per_step", type=int, default=10,
+    g.add_argument("--iters_per_step", type=int, default=iters_per_step,
                    help="batches used to estimate importance at every step")
     g.add_argument("--max_pruning_ratio", type=float, default=0.95,
                    help="no layer loses more than this fraction of its original channels")
@@ -114,9 +135,11 @@ def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA") -> 
                    help="attention: remove whole heads")
 
 
-def method_options(args, method) -> dict:
-    """The criterion options the chosen method understands, taken from the parsed flags."""
-    return {name: getattr(args, name) for name in method.options if hasattr(args, name)}
+def method_options(args, method, names=None) -> dict:
+    """The criterion options the chosen method understands (`names`, default its estimate
+    options), taken from the parsed flags."""
+    names = method.options if names is None else names
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -511,3 +511,60 @@ def iterate_batches(loader: Iterable, n: int) -> Iterator[Tuple[torch.Tensor, to
                 return
         if empty:
             return
+
+
+class _SeededItems(Dataset):
+    """dataset[(i, seed)] is item i with its random augmentation drawn from `seed`: the same image
+    whichever process or loader worker reads it, and whatever was drawn before."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.base[index]
+
+
+class BatchStream:
+    """Fresh training batches on demand, for importance estimation and BatchNorm re-estimation.
+
+    `stream(n)` gives the next n batches of a stream of permutations of the training set seeded
+    by `seed`, each image with an augmentation seed of its own: the same seed gives the same
+    batches whether the network was just trained in this process or loaded from disk. Under
+    torchrun every process draws the same n batches and loads only its own share (batches rank,
+    rank + world, ...), so no image is decoded twice and the union over processes is exactly
+    what one process would see."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+                 pin_memory: bool = False):
+        if len(dataset) == 0:
+            raise DataError("the training set is empty; nothing to estimate importance on")
+        self.dataset = _SeededItems(dataset)
+        self.batch_size = min(int(batch_size), len(dataset))
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._pool: List[int] = []
+
+    def _take(self, count: int) -> List[Tuple[int, int]]:
+        while len(self._pool) < count:
+            self._pool.extend(torch.randperm(len(self.dataset), generator=self.generator).tolist())
+        taken, self._pool = self._pool[:count], self._pool[count:]
+        seeds = torch.randint(0, 2 ** 62, (count,), generator=self.generator).tolist()
+        return list(zip(taken, seeds))
+
+    def __call__(self, n: int, shard: bool = True) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        from utils.distributed import shard_indices
+        batches = [self._take(self.batch_size) for _ in range(n)]
+        if shard:
+            batches = [batches[i] for i in shard_indices(n)]
+        if not batches:
+            return iter(())
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory)
+        return ((batch[0], batch[1]) for batch in loader)

@@ -201,3 +201,30 @@ def shard_indices(n: int, rank_: Optional[int] = None, world: Optional[int] = No
     r = rank() if rank_ is None else rank_
     w = world_size() if world is None else world
     return list(range(r, n, w))
+
+
+def average_batchnorm_statistics(model: nn.Module, batches_used: int) -> None:
+    """After each process re-estimated BatchNorm running statistics on its own `batches_used`
+    batches, replace them by the batch-weighted mean over all processes: the same statistics a
+    single process would compute from all the batches (it averages per-batch moments too)."""
+    if not is_distributed():
+        return
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    weight = float(batches_used)
+    stats = {}
+    for i, m in enumerate(norms):
+        stats[f"{i}.mean"] = m.running_mean.double() * weight
+        stats[f"{i}.var"] = m.running_var.double() * weight
+    stats = all_reduce_dict(stats)
+    total = float(all_reduce_sum(torch.tensor(weight, dtype=torch.float64)))
+    if total <= 0:
+        return
+    with torch.no_grad():
+        for i, m in enumerate(norms):
+            m.running_mean.copy_(stats[f"{i}.mean"] / total)
+            m.running_var.copy_(stats[f"{i}.var"] / total)
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.fill_(int(total))

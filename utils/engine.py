@@ -92,6 +92,31 @@ def evaluate(model: nn.Module, loader, device, progress: bool = False, desc: str
     return total_loss / count, 100.0 * correct / count
 
 
+@torch.no_grad()
+def evaluate_metrics(model: nn.Module, loader, device, progress: bool = False,
+                     desc: str = "eval") -> dict:
+    """{'loss', 'top1', 'top5' (in %), 'count'} of `model` on `loader`. Under torchrun each process
+    passes its own shard and the sums are added over processes, so the figures are exact."""
+    from .distributed import all_reduce_sum
+    was = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, count
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        k = min(5, out.shape[1])
+        hits = out.topk(k, dim=1).indices.eq(y[:, None])
+        sums += torch.tensor([F.cross_entropy(out, y, reduction="sum").item(),
+                              hits[:, 0].sum().item(), hits.any(1).sum().item(), y.numel()],
+                             dtype=torch.float64)
+    model.train(was)
+    loss, top1, top5, count = all_reduce_sum(sums).tolist()
+    if count == 0:
+        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "count": 0}
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
+            "count": int(count)}
+
+
 def _open_writer(log_dir: Optional[Path]):
     if log_dir is None:
         return None
