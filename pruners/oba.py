@@ -35,8 +35,8 @@ terms, each assigned to one component of H̃δθ:
 * parallel   P: both terms of nodes whose operands are both activations (Q·Kᵀ, A·V in
   attention: two branches multiplied together) or both static (a product of two weights).
 
-The flags have the meaning of the published OBA code (NEU-REAL/OBA). It scales the perturbation
-δθ = d·θ on both sides of a term, the scored parameter's and the other layer's, so:
+The flags have the meaning of the published OBA code (NEU-REAL/OBA). That code scales the
+perturbation, δθ = d·θ, on both sides of a term (the scored parameter's and the other layer's), so:
 
     s_i = upward_delta² · θ_i D_i + downward_delta² · θ_i U_i
           + parallel_delta · downward_delta · θ_i P_i + delta · g_i θ_i .
@@ -48,13 +48,14 @@ other branch's perturbation in a parallel term, hence parallel_delta · downward
 With all three at 1 (the default) s_i = θ_i [H̃θ]_i.
 
 Computation, one batch: a single forward pass carrying forward-mode tangents (dual tensors);
-a `TorchFunctionMode` intercepts the bilinear calls (and decomposes
+a `TorchFunctionMode` (pruners.tracing) intercepts the bilinear calls (and decomposes
 F.scaled_dot_product_attention into its two matmuls around the softmax; Python-level functionals
 such as F.multi_head_attention_forward are run with their own override check skipped so the
 mode sees the calls inside them). At each node it computes the two terms B(a, ḃ) and B(ȧ, b)
 once: their detached sum (plus the bias tangent) is the node's output tangent, and each term is
 attached to a zero-valued sink whose backward injects the node's g_Z. Then one ordinary
-backward gives every g_Z, and one backward of the sum of sinks gives H̃δθ.
+backward gives every g_Z, and one backward of the sum of sinks gives H̃δθ. Module backward
+hooks are lifted for the pass and put back after (pruners.tracing.lifted_backward_hooks).
 """
 from __future__ import annotations
 
