@@ -28,20 +28,15 @@ directly. The cost per layer is then one forward, one input-gradient and one bac
 from __future__ import annotations
 
 import math
-import types
 from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .oba import _RULES, _Sink, _Slot, _map_tensors, _tensors, decomposed_attention
 from .registry import (CriterionError, Method, ScoreDict, average_batch_scores, preserved_state,
                        register)
-
-# calls of the form B(input, weight) + bias, linear in (weight, bias)
-_LAYER_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d,
-                F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+from .tracing import (BILINEAR_RULES, LAYER_CALLS, Slot, decomposed_attention, gradient_sink,
+                      grads_or_zeros, lifted_backward_hooks, map_tensors, tensors_in)
 
 
 def _trainable(model: nn.Module):
@@ -68,24 +63,20 @@ class _LayerCallRecorder(decomposed_attention):
         self.elsewhere = set()
         self.calls: List[_LayerCall] = []
 
-    def __torch_function__(self, func, types_, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention or \
-                (isinstance(func, types.FunctionType) and func not in self._opening):
-            return super().__torch_function__(func, types_, args, kwargs)
-        if func in _LAYER_CALLS:
-            x, w, _, remainder = _RULES[func](args, kwargs)
+    def call(self, func, args, kwargs):
+        if func in LAYER_CALLS:
+            x, w, _, remainder = BILINEAR_RULES[func](args, kwargs)
             bias, bias_to_output = remainder[0]
             if isinstance(x, torch.Tensor) and id(x) not in self.scored \
                     and id(w) in self.scored and (bias is None or id(bias) in self.scored):
                 alias = x.view_as(x) if x.requires_grad else None
                 if alias is not None:
-                    args = _map_tensors(args, lambda t: alias if t is x else t)
-                    kwargs = _map_tensors(kwargs, lambda t: alias if t is x else t)
+                    args = map_tensors(args, lambda t: alias if t is x else t)
+                    kwargs = map_tensors(kwargs, lambda t: alias if t is x else t)
                 out = func(*args, **kwargs)
                 self.calls.append(_LayerCall(out, x, alias, w, bias, bias_to_output))
                 return out
-        for t in _tensors((args, kwargs), []):
+        for t in tensors_in((args, kwargs)):
             if id(t) in self.scored:
                 self.elsewhere.add(id(t))
         return func(*args, **kwargs)
@@ -146,9 +137,7 @@ def hessian_theta_product(model: nn.Module, inputs: torch.Tensor, targets: torch
         terms.append((g * value).sum())
     for call, g in zip(aliased, g_alias):
         if g is not None:
-            slot = _Slot()
-            slot.grad, slot.uses = g.detach(), 1
-            terms.append(_Sink.apply(call.input, slot, 1.0))
+            terms.append(gradient_sink(call.input, Slot(g.detach(), uses=1)))
     for p in params:
         g = g_param.get(id(p))
         if id(p) not in direct and g is not None and g.requires_grad:
@@ -156,7 +145,7 @@ def hessian_theta_product(model: nn.Module, inputs: torch.Tensor, targets: torch
     del calls, aliased, g_out, g_alias
 
     if terms:
-        hv = _grad(torch.stack(terms).sum(), params, create_graph=False)
+        hv = grads_or_zeros(torch.stack(terms).sum(), params, create_graph=False)
     else:
         hv = [torch.zeros_like(p) for p in params]
     del terms
@@ -174,26 +163,28 @@ def nested_scores(model, inputs, targets, loss_fn, order):
     v = [p.detach() for p in params]
     with decomposed_attention():  # fused attention kernels have no double backward
         loss = loss_fn(model(inputs), targets)
-    grads: List[torch.Tensor] = _grad(loss, params, create_graph=order > 1)
+    grads: List[torch.Tensor] = grads_or_zeros(loss, params, create_graph=order > 1)
     first = grads
     for m in range(1, order):
         directional = sum((g * t).sum() for g, t in zip(grads, v) if g.requires_grad)
         if not isinstance(directional, torch.Tensor):  # nothing left depends on θ
             grads = [torch.zeros_like(p) for p in params]
             break
-        grads = _grad(directional, params, create_graph=m + 1 < order)
+        grads = grads_or_zeros(directional, params, create_graph=m + 1 < order)
     return list(named), [g.detach() for g in grads], [g.detach() for g in first]
 
 
 def fastoba_batch_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                          loss_fn: Callable, order: int = 2, delta: float = 0.0,
                          fastoba_delta: float = 1.0) -> ScoreDict:
-    """Per-parameter k-th order scores (see module docstring) for one batch."""
-    if order == 2:
-        names, kth, first = hessian_theta_product(model, inputs, targets, loss_fn,
-                                                  need_grad=delta != 0)
-    else:
-        names, kth, first = nested_scores(model, inputs, targets, loss_fn, order)
+    """Per-parameter k-th order scores (see module docstring) for one batch. Module backward
+    hooks are lifted meanwhile: they would fire on (and could alter) the scoring passes."""
+    with lifted_backward_hooks(model):
+        if order == 2:
+            names, kth, first = hessian_theta_product(model, inputs, targets, loss_fn,
+                                                      need_grad=delta != 0)
+        else:
+            names, kth, first = nested_scores(model, inputs, targets, loss_fn, order)
     params = dict(model.named_parameters())
     scores: Dict[str, torch.Tensor] = {}
     for i, name in enumerate(names):
@@ -203,11 +194,6 @@ def fastoba_batch_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.
             s = s + delta * first[i] * theta
         scores[name] = s
     return scores
-
-
-def _grad(output, params, create_graph):
-    grads = torch.autograd.grad(output, params, create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
 def estimate_fastoba(model: nn.Module, batches, loss_fn: Callable, order: int = 2,

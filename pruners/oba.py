@@ -24,47 +24,60 @@ BatchNorm), H̃ = H − GGN exactly.
 Operands are classified by data dependence: an operand is "static" when it is computed from
 parameters, buffers and constants only (a weight, a slice of a packed projection weight, a class
 token), and an "activation" when it depends on the input batch. Each node contributes two
-terms, each assigned to one component:
+terms, each assigned to one component of H̃δθ:
 
-* upward   (--upward_delta): ∇ of ⟨g_Z, B(ȧ, W(θ))⟩ into a static operand W, with the tangent ȧ
-  of the activation it multiplies, i.e. a weight's score coming from the perturbation of the
-  earlier layers that produced its input;
-* downward (--downward_delta): ∇ of ⟨g_Z, B(X(θ), Ẇ)⟩ into an activation operand X, with the
-  tangent Ẇ of the static operand, flowing back to the parameters that produced X;
-* parallel (--parallel_delta): both terms of nodes whose operands are both activations (Q·Kᵀ,
-  A·V in attention) or both static (a product of two weights).
+* upstream   U: ∇ of ⟨g_Z, B(Ẋ, W(θ))⟩ into a static operand W, with the tangent Ẋ of the
+  activation it multiplies: for a parameter of layer l, Σ_j H̃_ij δθ_j over the parameters j
+  of the layers *before* l (those that produced its input);
+* downstream D: ∇ of ⟨g_Z, B(X(θ), Ẇ)⟩ into an activation operand X, with the tangent Ẇ of the
+  static operand, flowing back to the parameters that produced X: Σ_j H̃_ij δθ_j over the
+  parameters j of the layers *after* l (those that consume its output);
+* parallel   P: both terms of nodes whose operands are both activations (Q·Kᵀ, A·V in
+  attention: two branches multiplied together) or both static (a product of two weights).
+
+The flags have the meaning of the published OBA code (NEU-REAL/OBA). That code scales the
+perturbation, δθ = d·θ, on both sides of a term (the scored parameter's and the other layer's), so:
+
+    s_i = upward_delta² · θ_i D_i + downward_delta² · θ_i U_i
+          + parallel_delta · downward_delta · θ_i P_i + delta · g_i θ_i .
+
+--upward_delta scales the importance that travels upward (towards the input) from the layers
+after l, i.e. D; --downward_delta scales the importance carried downward by the forward
+propagation of the earlier layers' perturbation, i.e. U, and that same propagation supplies the
+other branch's perturbation in a parallel term, hence parallel_delta · downward_delta on P.
+With all three at 1 (the default) s_i = θ_i [H̃θ]_i.
 
 Computation, one batch: a single forward pass carrying forward-mode tangents (dual tensors);
-a `TorchFunctionMode` intercepts the bilinear calls (and decomposes
+a `TorchFunctionMode` (pruners.tracing) intercepts the bilinear calls (and decomposes
 F.scaled_dot_product_attention into its two matmuls around the softmax; Python-level functionals
 such as F.multi_head_attention_forward are run with their own override check skipped so the
 mode sees the calls inside them). At each node it computes the two terms B(a, ḃ) and B(ȧ, b)
 once: their detached sum (plus the bias tangent) is the node's output tangent, and each term is
 attached to a zero-valued sink whose backward injects the node's g_Z. Then one ordinary
-backward gives every g_Z, and one backward of the sum of sinks gives H̃δθ.
+backward gives every g_Z, and one backward of the sum of sinks gives H̃δθ. Module backward
+hooks are lifted for the pass and put back after (pruners.tracing.lifted_backward_hooks).
 """
 from __future__ import annotations
 
 import math
-import types
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .registry import (CriterionError, Method, ScoreDict, average_batch_scores, preserved_state,
                        register)
+from .tracing import (BILINEAR_RULES, Slot, decomposed_attention, gradient_sink,
+                      lifted_backward_hooks, map_tensors, tensors_in)
 
 _NORM_TYPES = tuple(t for t in (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
     nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
 
-COMPONENTS = ("upward", "downward", "parallel")
+COMPONENTS = ("upstream", "downstream", "parallel")
 
 
 def perturbed_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
@@ -75,189 +88,7 @@ def perturbed_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
             if p.requires_grad and id(p) not in frozen}
 
 
-# ----------------------------------------------------------------------------- bilinear calls
-# A rule turns the (args, kwargs) of one call into (a, b, bilinear, remainder):
-#   bilinear(p, q) recomputes the call's bilinear part B with every other argument fixed;
-#   remainder lists (tensor, how its tangent enters the output tangent) for additive terms.
-
-def _arg(args, kwargs, i, name, default=None):
-    if len(args) > i:
-        return args[i]
-    return kwargs.get(name, default)
-
-
-def _linear_rule(args, kwargs):
-    x, w, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), \
-        _arg(args, kwargs, 2, "bias")
-    return x, w, (lambda p, q: F.linear(p, q)), [(bias, lambda t, z: t)]
-
-
-def _conv_rule(func, spatial_dims):
-    def rule(args, kwargs):
-        x, w, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), \
-            _arg(args, kwargs, 2, "bias")
-        rest = args[3:]
-        kw = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
-
-        def bias_tangent(t, z):  # bias runs along the channel axis, before the spatial axes
-            return t.reshape(-1, *([1] * spatial_dims))
-        return x, w, (lambda p, q: func(p, q, None, *rest, **kw)), [(bias, bias_tangent)]
-    return rule
-
-
-def _two_operand_rule(func, swap=False):
-    def rule(args, kwargs):
-        a = _arg(args, kwargs, 0, "input")
-        b = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if k != "input")
-        if swap:  # Tensor.__rmatmul__(self, other) is other @ self
-            a, b = b, a
-        return a, b, (lambda p, q: func(p, q)), []
-    return rule
-
-
-def _scaled_product_rule(product):
-    # addmm / baddbmm: beta * input + alpha * product(m1, m2)
-    def rule(args, kwargs):
-        inp = _arg(args, kwargs, 0, "input")
-        m1, m2 = _arg(args, kwargs, 1, "mat1" if product is torch.mm else "batch1"), \
-            _arg(args, kwargs, 2, "mat2" if product is torch.mm else "batch2")
-        beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
-        bil = (lambda p, q: product(p, q)) if alpha == 1 else (lambda p, q: alpha * product(p, q))
-        return m1, m2, bil, [(inp, lambda t, z: t if beta == 1 else beta * t)]
-    return rule
-
-
-def _einsum_rule(args, kwargs):
-    equation, operands = args[0], args[1:]
-    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-        operands = tuple(operands[0])
-    if len(operands) != 2:
-        return None  # only two-operand contractions are bilinear nodes
-    return operands[0], operands[1], (lambda p, q: torch.einsum(equation, p, q)), []
-
-
-_RULES: Dict[Callable, Callable] = {
-    F.linear: _linear_rule,
-    torch.matmul: _two_operand_rule(torch.matmul),
-    torch.Tensor.matmul: _two_operand_rule(torch.matmul),
-    torch.Tensor.__matmul__: _two_operand_rule(torch.matmul),
-    torch.Tensor.__rmatmul__: _two_operand_rule(torch.matmul, swap=True),
-    torch.mm: _two_operand_rule(torch.mm),
-    torch.Tensor.mm: _two_operand_rule(torch.mm),
-    torch.bmm: _two_operand_rule(torch.bmm),
-    torch.Tensor.bmm: _two_operand_rule(torch.bmm),
-    torch.mv: _two_operand_rule(torch.mv),
-    torch.Tensor.mv: _two_operand_rule(torch.mv),
-    torch.addmm: _scaled_product_rule(torch.mm),
-    torch.Tensor.addmm: _scaled_product_rule(torch.mm),
-    torch.baddbmm: _scaled_product_rule(torch.bmm),
-    torch.Tensor.baddbmm: _scaled_product_rule(torch.bmm),
-    torch.einsum: _einsum_rule,
-}
-for _func, _dims in ((F.conv1d, 1), (F.conv2d, 2), (F.conv3d, 3),
-                     (F.conv_transpose1d, 1), (F.conv_transpose2d, 2), (F.conv_transpose3d, 3)):
-    _RULES[_func] = _conv_rule(_func, _dims)
-
-
-def _attention_by_matmuls(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                          scale=None, enable_gqa=False):
-    """F.scaled_dot_product_attention written as matmul → softmax → matmul, so that both
-    products are visible as bilinear nodes."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.size(-1))
-    if enable_gqa and key.size(-3) != query.size(-3):
-        repeat = query.size(-3) // key.size(-3)
-        key = key.repeat_interleave(repeat, dim=-3)
-        value = value.repeat_interleave(repeat, dim=-3)
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    if is_causal:
-        keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool,
-                          device=query.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    weights = torch.softmax(scores, dim=-1)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p, training=True)
-    return torch.matmul(weights, value)
-
-
-_NO_OVERRIDE_CHECK = {name: (lambda *a, **k: False) for name in (
-    "has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")}
-_OPENED: Dict[Callable, Callable] = {}
-
-
-def _opened(func: types.FunctionType) -> Callable:
-    """A copy of a Python-level torch function whose `__torch_function__` check is switched off,
-    so that running it under the mode exposes the calls inside it (e.g. the projections and
-    attention inside F.multi_head_attention_forward)."""
-    if func not in _OPENED:
-        glob = dict(func.__globals__)
-        glob.update({k: v for k, v in _NO_OVERRIDE_CHECK.items() if k in glob})
-        copy = types.FunctionType(func.__code__, glob, func.__name__, func.__defaults__,
-                                  func.__closure__)
-        copy.__kwdefaults__ = func.__kwdefaults__
-        _OPENED[func] = copy
-    return _OPENED[func]
-
-
-class decomposed_attention(TorchFunctionMode):
-    """Context manager: inside it, F.scaled_dot_product_attention (including the call inside
-    nn.MultiheadAttention) runs as matmul → softmax → matmul. Used where higher derivatives
-    are taken through attention: the fused CPU / flash kernels have no double backward."""
-
-    def __init__(self):
-        super().__init__()
-        self._opening = set()
-
-    def __torch_function__(self, func, types_, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            with self:
-                return _attention_by_matmuls(*args, **kwargs)
-        if isinstance(func, types.FunctionType) and func not in self._opening:
-            self._opening.add(func)
-            try:
-                with self:
-                    return _opened(func)(*args, **kwargs)
-            finally:
-                self._opening.discard(func)
-        return func(*args, **kwargs)
-
-
-# ----------------------------------------------------------------------------- surrogate sinks
-
-class _Slot:
-    """g_Z of one node, filled after the ordinary backward, released after its last use."""
-    __slots__ = ("grad", "uses")
-
-    def __init__(self):
-        self.grad, self.uses = None, 0
-
-
-class _Sink(torch.autograd.Function):
-    """Zero-valued function of a node term U; its backward injects scale · g_Z into U's graph,
-    so that d/dθ Σ sinks = ∇_θ Σ scale ⟨g_Z, U(θ)⟩ without keeping U itself."""
-
-    @staticmethod
-    def forward(ctx, term, slot, scale):
-        ctx.slot, ctx.scale = slot, scale
-        return term.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _unused):
-        slot = ctx.slot
-        grad = slot.grad
-        slot.uses -= 1
-        if slot.uses <= 0:
-            slot.grad = None
-        if grad is None:
-            return None, None, None
-        return (grad if ctx.scale == 1 else ctx.scale * grad), None, None
-
+# ----------------------------------------------------------------------------- the tracer
 
 def _same_value(tangent, primal) -> bool:
     if tangent is None or tangent.shape != primal.shape:
@@ -280,29 +111,7 @@ def _tangent(t):
     return None if tangent is None else tangent.detach()
 
 
-def _tensors(tree, out):
-    if isinstance(tree, torch.Tensor):
-        out.append(tree)
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            _tensors(item, out)
-    elif isinstance(tree, dict):
-        for item in tree.values():
-            _tensors(item, out)
-    return out
-
-
-def _map_tensors(tree, fn):
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_tensors(t, fn) for t in tree)
-    if isinstance(tree, dict):
-        return {k: _map_tensors(v, fn) for k, v in tree.items()}
-    return tree
-
-
-class _BilinearTracer(TorchFunctionMode):
+class _BilinearTracer(decomposed_attention):
     """Sees every torch call of the forward pass; builds tangents and sinks at bilinear nodes."""
 
     def __init__(self, scales: Dict[str, float], static: List[torch.Tensor]):
@@ -312,28 +121,17 @@ class _BilinearTracer(TorchFunctionMode):
         for t in static:
             self.static[t] = True
         self.watched: List[torch.Tensor] = []  # tensors whose ∂L/∂· the sinks need
-        self.slots: List[_Slot] = []
+        self.slots: List[Slot] = []
         self.sinks: List[torch.Tensor] = []
-        self._opening = set()
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        rule = _RULES.get(func)
+        rule = BILINEAR_RULES.get(func)
         parts = rule(args, kwargs) if rule is not None else None
-        if parts is not None:
+        if parts is not None:  # before opening: torch.einsum is a Python-level function
             out = self._bilinear(func, args, kwargs, *parts)
-        elif func is F.scaled_dot_product_attention:
-            with self:
-                out = _attention_by_matmuls(*args, **kwargs)
-        elif isinstance(func, types.FunctionType) and func not in self._opening:
-            self._opening.add(func)
-            try:
-                with self:
-                    out = _opened(func)(*args, **kwargs)
-            finally:
-                self._opening.discard(func)
         else:
-            out = func(*args, **kwargs)
+            out = super().__torch_function__(func, types_, args, kwargs)
         self._track_static(args, kwargs, out)
         return out
 
@@ -341,10 +139,10 @@ class _BilinearTracer(TorchFunctionMode):
         return isinstance(t, torch.Tensor) and t in self.static
 
     def _track_static(self, args, kwargs, out):
-        outs = _tensors(out, [])
+        outs = tensors_in(out, [])
         if not outs:
             return
-        static = all(t in self.static for t in _tensors(kwargs, _tensors(args, [])))
+        static = all(t in self.static for t in tensors_in(kwargs, tensors_in(args, [])))
         for t in outs:
             if static:
                 self.static[t] = True
@@ -354,14 +152,14 @@ class _BilinearTracer(TorchFunctionMode):
     def _component(self, into, other) -> str:
         into_static, other_static = self._is_static(into), self._is_static(other)
         if into_static and not other_static:
-            return "upward"
+            return "upstream"
         if other_static and not into_static:
-            return "downward"
+            return "downstream"
         return "parallel"
 
-    def _watch(self, tensor) -> _Slot:
+    def _watch(self, tensor) -> Slot:
         """A slot that receives ∂L/∂tensor from the ordinary backward."""
-        slot = _Slot()
+        slot = Slot()
         self.slots.append(slot)
         self.watched.append(tensor)
         return slot
@@ -387,7 +185,7 @@ class _BilinearTracer(TorchFunctionMode):
 
         def primal(t):
             return alias.get(id(t)) if id(t) in alias else _primal(t)
-        z = func(*_map_tensors(args, primal), **_map_tensors(kwargs, primal))
+        z = func(*map_tensors(args, primal), **map_tensors(kwargs, primal))
 
         tangent = None
         z_slot = None
@@ -406,7 +204,7 @@ class _BilinearTracer(TorchFunctionMode):
                 if id(into) in alias:
                     slot = self._watch(alias[id(into)])
                     slot.uses = 1
-                    self.sinks.append(_Sink.apply(into_p, slot, scale))
+                    self.sinks.append(gradient_sink(into_p, slot, scale))
             else:
                 term = term_fn()
                 value = term.detach()
@@ -414,7 +212,7 @@ class _BilinearTracer(TorchFunctionMode):
                     if z_slot is None:
                         z_slot = self._watch(z)
                     z_slot.uses += 1
-                    self.sinks.append(_Sink.apply(term, z_slot, scale))
+                    self.sinks.append(gradient_sink(term, z_slot, scale))
                 del term
             tangent = value if tangent is None else tangent + value
         for extra, to_output in remainder:
@@ -429,14 +227,24 @@ class _BilinearTracer(TorchFunctionMode):
 
 # ----------------------------------------------------------------------------- public functions
 
-def _scales(upward_delta, downward_delta, parallel_delta) -> Dict[str, float]:
-    return {"upward": float(upward_delta), "downward": float(downward_delta),
-            "parallel": float(parallel_delta)}
+def component_weights(upward_delta: float = 1.0, downward_delta: float = 1.0,
+                      parallel_delta: float = 1.0) -> Dict[str, float]:
+    """The factor on each component of H̃δθ that the published flags give (module docstring):
+    upstream downward_delta², downstream upward_delta², parallel parallel_delta · downward_delta."""
+    up, down, par = float(upward_delta), float(downward_delta), float(parallel_delta)
+    return {"upstream": down * down, "downstream": up * up, "parallel": par * down}
 
 
 def _oba_pass(model, inputs, targets, loss_fn, scales, need_grad):
     """One forward with tangents, the ordinary backward, the surrogate backward.
-    Returns (loss, H̃δθ list, gradient list or None) over perturbed_parameters(model)."""
+    Returns (loss, H̃δθ list, gradient list or None) over perturbed_parameters(model).
+    Module backward hooks are lifted meanwhile: torch's full-hook Function has no forward-mode
+    rule, and none of these backward passes is one the hooks' owners should see."""
+    with lifted_backward_hooks(model):
+        return _oba_pass_unhooked(model, inputs, targets, loss_fn, scales, need_grad)
+
+
+def _oba_pass_unhooked(model, inputs, targets, loss_fn, scales, need_grad):
     perturbed = perturbed_parameters(model)
     params = list(perturbed.values())
     static = list(model.parameters()) + list(model.buffers())
@@ -446,7 +254,7 @@ def _oba_pass(model, inputs, targets, loss_fn, scales, need_grad):
         with tracer:
             output = torch.func.functional_call(model, duals, (inputs,))
         del duals
-        output = _map_tensors(output, _primal)
+        output = map_tensors(output, _primal)
         loss = loss_fn(output, targets)
         del output
     # Both backward passes run after the dual level is closed: inside it, saved tensors would
@@ -476,20 +284,21 @@ def _oba_pass(model, inputs, targets, loss_fn, scales, need_grad):
 def oba_hvp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable,
             upward_delta: float = 1.0, downward_delta: float = 1.0, parallel_delta: float = 1.0
             ) -> Tuple[torch.Tensor, ScoreDict]:
-    """(loss, {perturbed parameter name: H̃δθ of that shape}) for one batch, δθ = θ."""
-    loss, names, hv, _ = _oba_pass(model, inputs, targets, loss_fn,
-                                   _scales(upward_delta, downward_delta, parallel_delta), False)
+    """(loss, {perturbed parameter name: H̃δθ of that shape}) for one batch, δθ = θ, each
+    component weighted as the flags say (`component_weights`)."""
+    weights = component_weights(upward_delta, downward_delta, parallel_delta)
+    loss, names, hv, _ = _oba_pass(model, inputs, targets, loss_fn, weights, False)
     return loss, dict(zip(names, hv))
 
 
 def oba_batch_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                      loss_fn: Callable, delta: float = 0.0, upward_delta: float = 1.0,
                      downward_delta: float = 1.0, parallel_delta: float = 1.0) -> ScoreDict:
-    """s_i = δθ_i · [H̃δθ]_i + delta · g_i θ_i for one batch, over the perturbed parameters."""
+    """s_i = δθ_i · [H̃δθ]_i + delta · g_i θ_i for one batch, over the perturbed parameters, the
+    components of H̃δθ weighted as the flags say (`component_weights`)."""
     perturbed = perturbed_parameters(model)
-    _, names, hv, grads = _oba_pass(model, inputs, targets, loss_fn,
-                                    _scales(upward_delta, downward_delta, parallel_delta),
-                                    delta != 0)
+    weights = component_weights(upward_delta, downward_delta, parallel_delta)
+    _, names, hv, grads = _oba_pass(model, inputs, targets, loss_fn, weights, delta != 0)
     scores = {}
     for i, name in enumerate(names):
         theta = perturbed[name].detach()

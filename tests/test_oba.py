@@ -4,11 +4,13 @@
   H̃δθ from oba_hvp equals (H − GGN)δθ from torch.func.
 * A one-block transformer (class token, position embedding, LayerNorm, attention, GELU MLP),
   run through nn.MultiheadAttention (sdpa and need_weights paths), F.scaled_dot_product_attention
-  and explicit softmax attention: each of the upward / downward / parallel components equals its
-  brute-force definition, built for every bilinear node Z = B(a, b) from the mixed second
+  and explicit softmax attention: each of the upstream / downstream / parallel components (as
+  the published flags isolate them) equals its brute-force definition, built for every bilinear node Z = B(a, b) from the mixed second
   derivative ∂²/∂θ∂φ ⟨g_Z, B(a(θ), b(φ))⟩ (one operand frozen at a time); and
   H − GGN = Σ_bilinear nodes (M + Mᵀ) + Σ_smooth nodes J_xᵀ ∇²⟨g_y, f(x)⟩ J_x, i.e. OBA leaves
   out exactly the curvature of LayerNorm, softmax and GELU.
+* The published meaning of --upward_delta / --downward_delta / --parallel_delta on a tiny
+  network with two multiplied branches, against components built from blocks of the full Hessian.
 * Side effects, train/eval agreement and the registry entry point.
 """
 import math
@@ -185,7 +187,7 @@ def staged_forward(p, x, norm, probes=None):
         return out(name, fn(value))
 
     def linear(name, a, w, bias):  # activation × weight
-        return node(name, a, w, lambda s, t: s @ t.T, "downward", "upward") + bias
+        return node(name, a, w, lambda s, t: s @ t.T, "downstream", "upstream") + bias
 
     n = x.shape[0]
     h = linear("embed", x, p["embed.weight"], p["embed.bias"])
@@ -231,7 +233,7 @@ def transformer_case():
     probes0.update({k: torch.zeros_like(fn(v)) for k, (v, fn) in smooth0.items()})
     g = torch.func.grad(lambda pr: loss_fn(run(theta, pr)[0], y))(probes0)
 
-    components = {c: torch.zeros_like(theta) for c in ("upward", "downward", "parallel")}
+    components = {c: torch.zeros_like(theta) for c in ("upstream", "downstream", "parallel")}
     for name, (_, _, fn, into_a, into_b) in bilinear0.items():
         def pairing(t, f, name=name, fn=fn):  # ⟨g_Z, B(a(θ), b(φ))⟩
             return (g[name] * fn(run(t)[1][name][0], run(f)[1][name][1])).sum()
@@ -287,27 +289,104 @@ def test_transformer_components_match_brute_force(transformer_case, attention):
     model = _copy_into(attention, c["ref"])
     model.eval()
     assert torch.allclose(model(c["x"]), c["ref"](c["x"]))
-    scale_sets = {"upward": (1, 0, 0), "downward": (0, 1, 0), "parallel": (0, 0, 1)}
     order = [_model_name(attention, n) for n in CANON]
-    total = torch.zeros_like(c["h_minus_ggn"])
-    for component, (up, down, par) in scale_sets.items():
+    comps = c["components"]
+
+    def hvp(up, down, par):
         _, hv = oba_hvp(model, c["x"], c["y"], c["loss_fn"], upward_delta=up,
                         downward_delta=down, parallel_delta=par)
         assert set(hv) == set(order)  # LayerNorm parameters are not perturbed
-        got = _flat([hv[n] for n in order])
-        expected = c["components"][component]
+        return _flat([hv[n] for n in order])
+
+    # published flags: upward_delta → downstream, downward_delta → upstream (and the other
+    # branch of parallel terms), parallel_delta → parallel
+    isolated = {"downstream": hvp(1, 0, 0), "upstream": hvp(0, 1, 0),
+                "parallel": hvp(0, 1, 1) - hvp(0, 1, 0)}
+    for component, got in isolated.items():
+        expected = comps[component]
         assert (got - expected).norm() / expected.norm() < 1e-10, component
-        total += got
-    _, hv = oba_hvp(model, c["x"], c["y"], c["loss_fn"])
-    full = _flat([hv[n] for n in order])
-    assert torch.allclose(full, total, rtol=1e-10, atol=1e-14)
+    full = hvp(1, 1, 1)
+    assert torch.allclose(full, sum(isolated.values()), rtol=1e-10, atol=1e-14)
     assert torch.allclose(full, c["h_minus_ggn"] - c["excluded"], rtol=1e-9, atol=1e-12)
-    # the deltas scale their components linearly
-    _, hv = oba_hvp(model, c["x"], c["y"], c["loss_fn"], 2.0, -1.0, 0.5)
-    mixed = _flat([hv[n] for n in order])
-    comps = c["components"]
-    assert torch.allclose(mixed, 2 * comps["upward"] - comps["downward"]
-                          + 0.5 * comps["parallel"], rtol=1e-9, atol=1e-12)
+    # the flags scale their components: squares, and parallel · downward
+    mixed = hvp(2.0, -1.0, 0.5)
+    assert torch.allclose(mixed, 4 * comps["downstream"] + comps["upstream"]
+                          - 0.5 * comps["parallel"], rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the flags
+
+class TwoBranchNet(nn.Module):
+    """q, k, v read the input; Q·Kᵀ and A·V multiply branches (parallel); fc reads A·V (its
+    layers before it: q, k, v). ReLU only, so H̃ = H − GGN and each Hessian block between two
+    layers belongs to one component."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = F.relu(self.q(x) @ self.k(x).transpose(-2, -1))
+        return self.fc(F.relu(a @ self.v(x))).mean(1)
+
+
+def test_flags_have_the_published_meaning():
+    """s_i = θ_i (upward_delta² D_i + downward_delta² U_i + parallel_delta·downward_delta P_i):
+    U_i / D_i / P_i = Σ_j (H − GGN)_ij θ_j over the parameters j of the layers before / after /
+    parallel to parameter i's layer, H from torch.autograd.functional.hessian."""
+    torch.manual_seed(4)
+    model = TwoBranchNet().to(DT)
+    x = torch.randn(3, 4, 3, dtype=DT)
+    y = torch.tensor([0, 2, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    theta = _flat([params[n].detach() for n in names])
+
+    def logits(vec):
+        return torch.func.functional_call(model, dict(zip(names, _unflat(vec, shapes))), (x,))
+
+    hess = torch.autograd.functional.hessian(lambda v: loss_fn(logits(v), y), theta)
+    jac = torch.autograd.functional.jacobian(logits, theta).reshape(-1, theta.numel())
+    z = logits(theta).detach()
+    loss_hess = torch.autograd.functional.hessian(lambda o: loss_fn(o, y), z).reshape(
+        z.numel(), z.numel())
+    kept = hess - jac.T @ loss_hess @ jac
+    layer = torch.cat([torch.full((math.prod(s),), "qkvf".index(n[0])) for n, s in
+                       zip(names, shapes)])  # layer index of every flat parameter
+    before = {0: [], 1: [], 2: [], 3: [0, 1, 2]}
+    after = {0: [3], 1: [3], 2: [3], 3: []}
+    parallel = {0: [1, 2], 1: [0, 2], 2: [0, 1], 3: []}
+
+    def component(related):
+        out = torch.zeros_like(theta)
+        for l_i, l_js in related.items():
+            rows = layer == l_i
+            cols = torch.isin(layer, torch.tensor(l_js, dtype=layer.dtype))
+            out[rows] = kept[rows][:, cols] @ theta[cols]
+        return theta * out
+
+    up, down, par = component(before), component(after), component(parallel)
+    assert torch.allclose(up + down + par, theta * (kept @ theta), rtol=1e-10, atol=1e-14)
+    for c in (up, down, par):
+        assert c.norm() > 1e-3 * (up + down + par).norm()
+
+    def scores(**flags):
+        s = oba_batch_scores(model, x, y, loss_fn, **flags)
+        return _flat([s[n] for n in names])
+
+    def close(a, b):
+        assert (a - b).norm() <= 1e-10 * b.norm(), (a - b).norm() / b.norm()
+
+    close(scores(), up + down + par)  # defaults: θ ⊙ H̃θ, as before
+    for d in (1.7, -0.6):
+        close(scores(upward_delta=d) - scores(upward_delta=0.0), d ** 2 * down)
+        close(scores(downward_delta=d) - scores(downward_delta=0.0), d ** 2 * up + d * par)
+        close(scores(parallel_delta=d) - scores(parallel_delta=0.0), d * par)
+    close(scores(upward_delta=0.5, downward_delta=2.0, parallel_delta=-1.5, delta=0.0),
+          0.25 * down + 4 * up - 3 * par)
 
 
 # ----------------------------------------------------------------------------- side effects

@@ -120,9 +120,15 @@ def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA",
                         "many training batches (no weight changes); 0 turns it off")
     g = p.add_argument_group("criterion options")
     g.add_argument("--delta", type=float, default=0.0, help="weight of the first-order term g*theta")
-    g.add_argument("--upward_delta", type=float, default=1.0, help="OBA: scale of upward terms")
-    g.add_argument("--downward_delta", type=float, default=1.0, help="OBA: scale of downward terms")
-    g.add_argument("--parallel_delta", type=float, default=1.0, help="OBA: scale of parallel terms")
+    g.add_argument("--upward_delta", type=float, default=1.0,
+                   help="OBA (published meaning): a parameter's term from the layers AFTER its "
+                        "own, times upward_delta^2 (it scales both perturbations)")
+    g.add_argument("--downward_delta", type=float, default=1.0,
+                   help="OBA (published meaning): a parameter's term from the layers BEFORE its "
+                        "own, times downward_delta^2; it also multiplies parallel terms once")
+    g.add_argument("--parallel_delta", type=float, default=1.0,
+                   help="OBA: terms of branches multiplied together (Q.K^T, A.V), times "
+                        "parallel_delta * downward_delta")
     g.add_argument("--order", type=int, default=2, help="fastOBA: order k of the Taylor term")
     g.add_argument("--fastoba_delta", type=float, default=1.0, help="fastOBA: scale of the k-th term")
     g.add_argument("--fisher_type", default="true", help="K-FAC methods: true or empirical Fisher")
