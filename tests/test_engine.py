@@ -18,19 +18,19 @@ def _run(tmp_path, epochs, interrupt_after=None):
     ckpt = tmp_path / "run.train.pth"
     if interrupt_after is not None:
         calls = {"n": 0}
-        real = engine.evaluate
+        real = engine.evaluate_metrics
 
         def flaky(*a, **k):
             calls["n"] += 1
             if calls["n"] > interrupt_after:
                 raise KeyboardInterrupt
             return real(*a, **k)
-        engine.evaluate = flaky
+        engine.evaluate_metrics = flaky
         try:
             with pytest.raises(KeyboardInterrupt):
                 engine.train(model, loaders, cfg, "cpu", ckpt, progress=False)
         finally:
-            engine.evaluate = real
+            engine.evaluate_metrics = real
         engine.seed_everything(123)  # a fresh process would not share the RNG state
         loaders = build_loaders("digits", batch_size=64, seed=0)
         model = get_model("resnet8", 10)
@@ -49,7 +49,7 @@ def one_epoch(tmp_path_factory):
 
 def test_resume_equals_uninterrupted(tmp_path):
     m1, r1 = _run(tmp_path / "a", 2)
-    # evaluate() runs once on the starting point, then once per epoch: stop during epoch 2's
+    # evaluate_metrics() runs once on the starting point, then once per epoch: stop during epoch 2's
     m2, r2 = _run(tmp_path / "b", 2, interrupt_after=2)
     assert r2.epochs_run == 1
     assert [h["val_acc"] for h in r1.history] == [h["val_acc"] for h in r2.history]

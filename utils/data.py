@@ -511,3 +511,74 @@ def iterate_batches(loader: Iterable, n: int) -> Iterator[Tuple[torch.Tensor, to
                 return
         if empty:
             return
+
+
+# ----------------------------------------------------------------------------- one shard per process
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The RNG seed of sample `index`'s augmentation in `epoch` (a 63-bit mix of the three)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(index)) % 2**64
+    x ^= x >> 31
+    x = (x * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 29)) % 2**63
+
+
+class EpochIndexSampler(torch.utils.data.DistributedSampler):
+    """torch's DistributedSampler (shuffled by seed + epoch, every process a disjoint, equally long
+    part) that yields (index, epoch) so the dataset can seed each sample's augmentation."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((i, epoch) for i in super().__iter__())
+
+
+class PerSampleSeeded(Dataset):
+    """Dataset view whose item (index, epoch) is `base[index]` drawn with the torch RNG seeded by
+    `sample_seed(seed, epoch, index)`: an image's random crop and flip depend on the seed, the
+    epoch and the image only, not on which process or worker loads it. So the global batch of a
+    run on N processes is the one of a single-process run with N times the per-process batch."""
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base = base
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.base[index]
+
+
+def shard_loaders(loaders: Loaders, seed: int = 0, rank: Optional[int] = None,
+                  world: Optional[int] = None) -> Loaders:
+    """The loaders of this process in a (possibly) multi-process run, from `build_loaders`' ones.
+
+    train: `EpochIndexSampler(seed=seed, shuffle=True, drop_last=True)` over `world` processes
+      (call `loader.sampler.set_epoch(e)` each epoch; `utils.engine.train` does) with per-sample
+      seeded augmentation (`PerSampleSeeded`);
+    val / test: rank, rank + world, ... of the samples — disjoint, without the padding duplicates
+      of DistributedSampler, so all-reduced sums of metrics are exact.
+    Batch sizes are per process. With world = 1 this is still the same recipe, which is what
+    makes single-process and multi-process runs comparable."""
+    from .distributed import rank as _rank, shard_indices, world_size as _world
+
+    r = _rank() if rank is None else rank
+    w = _world() if world is None else world
+    train = loaders.train
+    sampler = EpochIndexSampler(train.dataset, num_replicas=w, rank=r, shuffle=True,
+                                seed=int(seed), drop_last=True)
+    common = dict(num_workers=train.num_workers, pin_memory=train.pin_memory,
+                  persistent_workers=train.num_workers > 0)
+    new_train = DataLoader(PerSampleSeeded(train.dataset, seed), batch_size=train.batch_size,
+                           sampler=sampler, drop_last=len(sampler) > train.batch_size, **common)
+
+    def shard(loader):
+        if loader is None:
+            return None
+        indices = shard_indices(len(loader.dataset), r, w)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, **common)
+
+    return replace(loaders, train=new_train, val=shard(loaders.val), test=shard(loaders.test))
