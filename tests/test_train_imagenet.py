@@ -168,6 +168,40 @@ def test_bad_input_is_one_line_and_touches_nothing(world, single, tmp_path):
     assert_one_line_error(proc, "vit_tiny")
     assert newest.read_bytes() == before
     assert sorted(p.name for p in d.iterdir()) == ["pruned_model.pth", "pruned_model_newest.pth"]
-    # mixed precision asked for on a CPU
-    proc = run("--save_dir", str(d), "--data_root", str(data), *FAST, "--amp")
-    assert_one_line_error(proc, "--amp")
+    # mixed precision asked for on a CPU (in-process: the same error boundary, less start-up)
+    import train_imagenet
+    from utils.cli import UsageError
+    with pytest.raises(UsageError, match="--amp"):
+        train_imagenet.main(["--save_dir", str(d), "--data_root", str(data), *FAST, "--amp"])
+
+
+def test_test_only_reports_the_saved_metrics(single, world):
+    rec, _ = history(single)
+    proc = run("--save_dir", str(single), "--model_name", "pruned_model_finetuned", "--test-only",
+               "--data_root", str(world / "data"), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"top-1 {rec['test_top1']:.2f}%" in proc.stdout and "(12 images)" in proc.stdout
+    assert not (single / "pruned_model_finetuned_newest.pth").exists()  # evaluation writes nothing
+
+
+def test_shards_are_disjoint_and_rebuild_the_global_batches(world):
+    """In-process check of utils.data.shard_loaders: the val shards cover every image once, and
+    the two ranks' training batches (augmentation included) are the single process's global
+    batches, split by rank."""
+    from utils.data import build_loaders, shard_loaders
+
+    base = build_loaders("imagenet", data_root=world / "data", batch_size=2, val_fraction=0.0,
+                         image_size=32, auto_augment="ta_wide")
+    ranks = [shard_loaders(base, seed=3, rank=r, world=2) for r in (0, 1)]
+    val = [list(ld.test.sampler) for ld in ranks]
+    assert sorted(val[0] + val[1]) == list(range(12)) and not set(val[0]) & set(val[1])
+    one = shard_loaders(build_loaders("imagenet", data_root=world / "data", batch_size=4,
+                                      val_fraction=0.0, image_size=32, auto_augment="ta_wide"),
+                        seed=3, rank=0, world=1)
+    for ld in ranks + [one]:
+        ld.train.sampler.set_epoch(1)
+    torch.manual_seed(0)
+    for (x0, y0), (x1, y1), (x, y) in zip(ranks[0].train, ranks[1].train, one.train):
+        # DistributedSampler deals the permutation round-robin: rank r holds items r, r + 2, ...
+        torch.testing.assert_close(torch.stack([x0[0], x1[0], x0[1], x1[1]]), x)
+        assert torch.equal(torch.stack([y0[0], y1[0], y0[1], y1[1]]), y)

@@ -161,21 +161,20 @@ def evaluate_metrics(model: nn.Module, loader, device, progress: bool = False, d
     was = model.training
     model.eval()
     device = torch.device(device)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 correct, top-5 correct, count
+    # loss, top-1 correct, top-5 correct, count; summed on the device (no sync per batch)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     show = progress and dist_utils.is_main()
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not show):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             out = model(x)
         out = out.float()
-        k = min(5, out.shape[1])
-        top = out.topk(k, dim=1).indices
-        hits = top == y[:, None]
-        sums += torch.tensor([F.cross_entropy(out, y, reduction="sum").item(),
-                              hits[:, 0].sum().item(), hits.any(1).sum().item(), y.numel()],
-                             dtype=torch.float64)
+        hits = out.topk(min(5, out.shape[1]), dim=1).indices == y[:, None]
+        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                             torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
     model.train(was)
-    sums = dist_utils.all_reduce_sum(sums)
+    sums = dist_utils.all_reduce_sum(sums.cpu())
     loss, c1, c5, n = sums.tolist()
     if n == 0:
         return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "count": 0}
@@ -329,7 +328,8 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp else None
     ema = build_ema(model, cfg, loaders.train.batch_size * world) if cfg.model_ema else None
-    mixer = build_batch_mixer(cfg, _num_classes(loaders, model))
+    mixer = (build_batch_mixer(cfg, _num_classes(loaders, model))
+             if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 else None)
     start_epoch, best_acc, best_epoch = 0, -1.0, -1
     best_state = None
     history: List[dict] = []
@@ -378,6 +378,7 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
             net.train()
             _set_epoch(loaders.train, epoch)
             sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+            correct = torch.zeros((), dtype=torch.int64, device=device)  # summed without syncs
             t_epoch = time.perf_counter()
             for i, (x, y) in enumerate(tqdm(loaders.train, desc=f"epoch {epoch + 1}", leave=False,
                                             disable=not (progress and main))):
@@ -411,9 +412,10 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
                     ema.update_parameters(model)
                     if epoch < cfg.lr_warmup_epochs:
                         ema.n_averaged.fill_(0)  # during warm-up the EMA just follows the model
-                sums += torch.tensor([value * y.shape[0], (out.argmax(1) == hard).sum().item(),
-                                      y.shape[0]], dtype=torch.float64)
+                correct += (out.argmax(1) == hard).sum()
+                sums += torch.tensor([value * y.shape[0], 0.0, y.shape[0]], dtype=torch.float64)
             scheduler.step()
+            sums[1] = float(correct.item())
             _sync_buffers(model)
             train_seconds = time.perf_counter() - t_epoch
             loss_sum, correct, count = dist_utils.all_reduce_sum(sums).tolist()

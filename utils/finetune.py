@@ -48,10 +48,10 @@ def check_args(args, device: torch.device) -> None:
         raise UsageError("--amp (mixed precision) needs a CUDA device; drop --amp or run on a GPU")
     if args.sync_bn and dist_utils.is_distributed() and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop it")
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
-                        ("--workers", args.workers + 1)):
-        if value < (0 if flag == "--epochs" else 1):
-            raise UsageError(f"{flag} must be {'>= 0' if flag == '--epochs' else 'positive'}")
+    for flag, value, least in (("--epochs", args.epochs, 0), ("--batch-size", args.batch_size, 1),
+                               ("--workers", args.workers, 0)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
     if args.stop_after_epochs is not None and args.stop_after_epochs < 1:
         raise UsageError("--stop_after_epochs must be at least 1")
 
