@@ -10,6 +10,10 @@ Supported datasets:
   tiny_imagenet  class folders, 64x64 (val may also use the original val_annotations.txt layout).
   imagenet       class folders, 224x224 crops.
 
+Multi-process runs (torchrun) take this process's part with `shard_loaders(loaders, seed)`:
+DistributedSampler-style training order with per-image seeded augmentation, and disjoint
+val/test shards without padding (exact all-reduced metrics).
+
 Folders come from dataset.yaml (repository root) unless `data_root` is given. Problems the user
 can fix (missing files, bad yaml, bad arguments) raise `DataError` with a one-line message.
 """
@@ -548,7 +552,8 @@ class PerSampleSeeded(Dataset):
     def __getitem__(self, key):
         index, epoch = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            # the CPU generator only (torch.manual_seed would also re-seed CUDA's, unrestored)
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self.base[index]
 
 
