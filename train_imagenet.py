@@ -18,7 +18,9 @@ from utils import cli, finetune  # noqa: E402
 
 
 def main(argv=None):
-    p = cli.parser(__doc__.splitlines()[0])
+    p = cli.parser(__doc__.splitlines()[0] + " The ImageNet val folder is the reported test set: "
+                   "nothing is selected on it, the last epoch (the EMA weights with --model-ema) "
+                   "is kept.")
     g = p.add_argument_group("files")
     g.add_argument("--save_dir", required=True, help="folder of <model_name>.pth and all outputs")
     g.add_argument("--model_name", default="pruned_model",
