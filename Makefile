@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all bench bench-imagenet install clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/importance_cost.py
+
+# GPU: fine-tuning images/s and batch-64 latency, dense vs pruned resnet50 / vit_b_16 at 224 px
+bench-imagenet: $(STAMP)
+	$(PY) bench/imagenet_throughput.py --device cuda
 
 clean:
 	rm -rf outputs checkpoints runs .pytest_cache

@@ -26,7 +26,7 @@ from utils.checkpoint import (FORMAT, CheckpointError, check_writable, load_chec
                               load_pruned_model, load_state_into, save_atomic,
                               save_pruned_model, write_json)
 from utils.cli import default_milestones, method_options
-from utils.data import BatchStream, build_loaders
+from utils.data import BatchStream, build_loaders, shard_loaders
 from utils.distributed import (DistInfo, average_batchnorm_statistics, check_same_model,
                                init_distributed)
 from utils.engine import (TrainConfig, evaluate_metrics, recalibrate_batchnorm, seed_everything,
@@ -78,6 +78,8 @@ def setup(args, importance_batch_size: Optional[int] = None) -> Context:
                             download=args.download, val_fraction=args.val_fraction, seed=args.seed,
                             pin_memory=dist.device.type == "cuda",
                             image_size=getattr(args, "image_size", None))
+    if dist.distributed:  # each process evaluates its own part of the test set
+        loaders = shard_loaders(loaders, args.seed)
     example = loaders.example_inputs(2).to(dist.device)
     # Importance batches come from a stream of their own, seeded by --seed, so the same seed gives
     # the same masks whether the dense network was just trained in this process or loaded.

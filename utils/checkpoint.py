@@ -86,8 +86,9 @@ def load_state_into(model: nn.Module, state_dict: dict, path, arch: Optional[str
                               "pass the matching --model/--dataset or another file") from None
 
 
-def save_pruned_model(model: nn.Module, path, **meta) -> None:
-    """The whole pruned module plus metadata; `load_pruned_model` gives it back ready to use."""
+def save_pruned_model(model: nn.Module, path, /, **meta) -> None:
+    """The whole pruned module plus metadata; `load_pruned_model` gives it back ready to use.
+    (`model` and `path` are positional-only, so `meta` may carry a `model=` name.)"""
     was = next(model.parameters()).device if any(True for _ in model.parameters()) else None
     model_cpu = model.to("cpu")
     try:

@@ -30,27 +30,15 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
                default_dataset: str = "digits") -> None:
-    """Everything the CIFAR-style scripts share: data and model, run, dense training, fine-tuning."""
-    add_data_model(p, default_model, default_dataset)
-    add_run(p)
+    """The flags of the CIFAR-style scripts (train_prune.py, iterative_prune.py)."""
+    add_loading(add_data_model(p, default_model, default_dataset))
+    add_outputs(add_run(p))
     add_dense_training(p)
     add_finetuning(p)
 
 
-def add_data_model(p: argparse.ArgumentParser, default_model: str = "resnet20",
-                   default_dataset: str = "digits", default_weights: Optional[str] = None) -> None:
-    g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default=default_dataset,
-                   help="digits (embedded), cifar10, cifar100, tiny_imagenet, imagenet")
-    g.add_argument("--data_root", default=None, help="dataset folder (overrides dataset.yaml)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
-                   help="download CIFAR when missing (needs internet)")
-    g.add_argument("--model", default=default_model, help="network name (see models.available_models)")
-    g.add_argument("--weights", default=default_weights,
-                   help="torchvision weights name (read from the torch hub cache) or a local file; "
-                        "a network given weights is pruned as it is, never re-trained")
-    g.add_argument("--image_size", type=int, default=None,
-                   help="imagenet: crop size (default 224; smaller for quick runs)")
+def add_loading(g) -> None:
+    """Loader flags of the pruning scripts (train_imagenet.py names them as torchvision does)."""
     g.add_argument("--batch_size", type=int, default=128)
     g.add_argument("--eval_batch_size", type=int, default=None)
     g.add_argument("--num_workers", type=int, default=0)
@@ -58,22 +46,12 @@ def add_data_model(p: argparse.ArgumentParser, default_model: str = "resnet20",
                    help="fraction of the training set held out to pick checkpoints")
 
 
-def add_run(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto",
-                   help="auto (cuda when available), cpu, cuda, cuda:N; under torchrun each process "
-                        "uses GPU LOCAL_RANK")
-    g.add_argument("--seed", type=int, default=0)
+def add_outputs(g) -> None:
     g.add_argument("--output_dir", default=None, help="where results and pruned models go")
     g.add_argument("--save_path_prefix", default="checkpoints",
                    help="folder of dense (pretrained) checkpoints: <prefix>/<dataset>_<model>.pth")
     g.add_argument("--pretrained", default=None,
                    help="dense checkpoint to start from (default: the one under --save_path_prefix)")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue interrupted training / fine-tuning from the last epoch checkpoint")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="tqdm progress bars")
 
 
 def add_dense_training(p: argparse.ArgumentParser) -> None:
@@ -96,6 +74,109 @@ def add_finetuning(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sl_milestones", type=int, nargs="+", default=None,
                    help="fine-tuning lr drops (default: 50%% and 75%%)")
     g.add_argument("--sl_weight_decay", type=float, default=5e-4)
+
+
+def add_data_model(p: argparse.ArgumentParser, default_model: Optional[str] = "resnet20",
+                   default_dataset: str = "digits", model_help: Optional[str] = None,
+                   default_weights: Optional[str] = None):
+    """--dataset --data_root --download --model --weights --image_size; returns the group to add
+    loader flags."""
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default=default_dataset,
+                   help="digits (embedded), cifar10, cifar100, tiny_imagenet, imagenet")
+    g.add_argument("--data_root", default=None, help="dataset folder (overrides dataset.yaml)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                   help="download CIFAR when missing (needs internet)")
+    g.add_argument("--model", default=default_model,
+                   help=model_help or "network name (see models.available_models)")
+    g.add_argument("--weights", default=default_weights,
+                   help="torchvision weights name (read from the torch hub cache) or a local file; "
+                        "a network given weights is pruned as it is, never re-trained")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="imagenet: crop size (default 224; train_imagenet.py: the model file's); "
+                        "small values for quick CPU runs")
+    return g
+
+
+def add_run(p: argparse.ArgumentParser):
+    """--device --seed --resume --tensorboard --progress; returns the group."""
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N "
+                   "(under torchrun every process uses GPU LOCAL_RANK)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="continue interrupted training / fine-tuning from the last epoch checkpoint")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bars")
+    return g
+
+
+def add_recipe(p: argparse.ArgumentParser, epochs: int = 100, batch_size: int = 64,
+               lr: float = 0.001, weight_decay: float = 1e-4,
+               milestones: Optional[List[int]] = (30, 60, 80), auto_augment: str = "ta_wide",
+               workers: int = 8) -> None:
+    """Training-recipe flags named as in torchvision's references/classification/train.py
+    (defaults: the published OBA ImageNet fine-tuning recipe); `train_config(args)` turns them
+    into a `utils.engine.TrainConfig`."""
+    g = p.add_argument_group("training recipe (torchvision reference names)")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=batch_size,
+                   help="images per process per step (global batch = this x processes)")
+    g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=None,
+                   help="per process; default: --batch-size")
+    g.add_argument("-j", "--workers", dest="workers", type=int, default=workers,
+                   help="data-loading worker processes per training process")
+    g.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=weight_decay)
+    g.add_argument("--lr-scheduler", dest="lr_scheduler", default="multisteplr",
+                   choices=["multisteplr", "steplr", "cosineannealinglr"])
+    g.add_argument("--lr-milestones", dest="lr_milestones", type=int, nargs="+",
+                   default=list(milestones) if milestones else None,
+                   help="multisteplr: epochs (after warm-up) at which the lr drops by --lr-gamma")
+    g.add_argument("--lr-step-size", dest="lr_step_size", type=int, default=30,
+                   help="steplr: epochs between drops by --lr-gamma")
+    g.add_argument("--lr-gamma", dest="lr_gamma", type=float, default=0.1)
+    g.add_argument("--lr-min", dest="lr_min", type=float, default=0.0,
+                   help="cosineannealinglr: final lr")
+    g.add_argument("--lr-warmup-epochs", dest="lr_warmup_epochs", type=int, default=0)
+    g.add_argument("--lr-warmup-method", dest="lr_warmup_method", default="linear",
+                   choices=["linear", "constant"])
+    g.add_argument("--lr-warmup-decay", dest="lr_warmup_decay", type=float, default=0.01,
+                   help="warm-up starts at lr x this")
+    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=0.0)
+    g.add_argument("--mixup-alpha", dest="mixup_alpha", type=float, default=0.0)
+    g.add_argument("--cutmix-alpha", dest="cutmix_alpha", type=float, default=0.0)
+    g.add_argument("--auto-augment", dest="auto_augment", default=auto_augment,
+                   help="ta_wide, ra, imagenet, cifar10, svhn or none")
+    g.add_argument("--model-ema", dest="model_ema", action=argparse.BooleanOptionalAction,
+                   default=False, help="keep an exponential moving average of the weights")
+    g.add_argument("--model-ema-steps", dest="model_ema_steps", type=int, default=32,
+                   help="iterations between EMA updates")
+    g.add_argument("--model-ema-decay", dest="model_ema_decay", type=float, default=0.99998)
+    g.add_argument("--clip-grad-norm", dest="clip_grad_norm", type=float, default=None)
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="CUDA mixed precision (autocast + GradScaler)")
+    g.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction,
+                   default=False, help="synchronise BatchNorm statistics across GPUs (CUDA only)")
+
+
+def train_config(args, **overrides):
+    """The `TrainConfig` of the `add_recipe` flags."""
+    from utils.engine import TrainConfig
+    kw = dict(epochs=args.epochs, lr=args.lr, milestones=sorted(args.lr_milestones or []),
+              gamma=args.lr_gamma, momentum=args.momentum, weight_decay=args.weight_decay,
+              optimizer=args.opt, lr_scheduler=args.lr_scheduler, lr_step_size=args.lr_step_size,
+              lr_min=args.lr_min, lr_warmup_epochs=args.lr_warmup_epochs,
+              lr_warmup_method=args.lr_warmup_method, lr_warmup_decay=args.lr_warmup_decay,
+              label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha,
+              cutmix_alpha=args.cutmix_alpha, clip_grad_norm=args.clip_grad_norm, amp=args.amp,
+              model_ema=args.model_ema, model_ema_steps=args.model_ema_steps,
+              model_ema_decay=args.model_ema_decay)
+    kw.update(overrides)
+    return TrainConfig(**kw)
 
 
 def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA",

@@ -10,6 +10,10 @@ Supported datasets:
   tiny_imagenet  class folders, 64x64 (val may also use the original val_annotations.txt layout).
   imagenet       class folders, 224x224 crops.
 
+Multi-process runs (torchrun) take this process's part with `shard_loaders(loaders, seed)`:
+DistributedSampler-style training order with per-image seeded augmentation, and disjoint
+val/test shards without padding (exact all-reduced metrics).
+
 Folders come from dataset.yaml (repository root) unless `data_root` is given. Problems the user
 can fix (missing files, bad yaml, bad arguments) raise `DataError` with a one-line message.
 """
@@ -513,53 +517,110 @@ def iterate_batches(loader: Iterable, n: int) -> Iterator[Tuple[torch.Tensor, to
             return
 
 
-class _SeededItems(Dataset):
-    """dataset[(i, seed)] is item i with its random augmentation drawn from `seed`: the same image
-    whichever process or loader worker reads it, and whatever was drawn before."""
+# ----------------------------------------------------------------------------- one shard per process
 
-    def __init__(self, base: Dataset):
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The RNG seed of sample `index`'s augmentation in `epoch` (a 63-bit mix of the three)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(index)) % 2**64
+    x ^= x >> 31
+    x = (x * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 29)) % 2**63
+
+
+class EpochIndexSampler(torch.utils.data.DistributedSampler):
+    """torch's DistributedSampler (shuffled by seed + epoch, every process a disjoint, equally long
+    part) that yields (index, epoch) so the dataset can seed each sample's augmentation."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((i, epoch) for i in super().__iter__())
+
+
+class PerSampleSeeded(Dataset):
+    """Dataset view whose item (index, epoch) is `base[index]` drawn with the torch RNG seeded by
+    `sample_seed(seed, epoch, index)`: an image's random crop and flip depend on the seed, the
+    epoch and the image only, not on which process or worker loads it. So the global batch of a
+    run on N processes is the one of a single-process run with N times the per-process batch."""
+
+    def __init__(self, base: Dataset, seed: int):
         self.base = base
+        self.seed = int(seed)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key):
-        index, seed = key
+        index, epoch = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only (torch.manual_seed would also re-seed CUDA's, unrestored)
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self.base[index]
+
+
+def shard_loaders(loaders: Loaders, seed: int = 0, rank: Optional[int] = None,
+                  world: Optional[int] = None) -> Loaders:
+    """The loaders of this process in a (possibly) multi-process run, from `build_loaders`' ones.
+
+    train: `EpochIndexSampler(seed=seed, shuffle=True, drop_last=True)` over `world` processes
+      (call `loader.sampler.set_epoch(e)` each epoch; `utils.engine.train` does) with per-sample
+      seeded augmentation (`PerSampleSeeded`);
+    val / test: rank, rank + world, ... of the samples — disjoint, without the padding duplicates
+      of DistributedSampler, so all-reduced sums of metrics are exact.
+    Batch sizes are per process. With world = 1 this is still the same recipe, which is what
+    makes single-process and multi-process runs comparable."""
+    from .distributed import rank as _rank, shard_indices, world_size as _world
+
+    r = _rank() if rank is None else rank
+    w = _world() if world is None else world
+    train = loaders.train
+    sampler = EpochIndexSampler(train.dataset, num_replicas=w, rank=r, shuffle=True,
+                                seed=int(seed), drop_last=True)
+    common = dict(num_workers=train.num_workers, pin_memory=train.pin_memory,
+                  persistent_workers=train.num_workers > 0)
+    new_train = DataLoader(PerSampleSeeded(train.dataset, seed), batch_size=train.batch_size,
+                           sampler=sampler, drop_last=len(sampler) > train.batch_size, **common)
+
+    def shard(loader):
+        if loader is None:
+            return None
+        indices = shard_indices(len(loader.dataset), r, w)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, **common)
+
+    return replace(loaders, train=new_train, val=shard(loaders.val), test=shard(loaders.test))
 
 
 class BatchStream:
     """Fresh training batches on demand, for importance estimation and BatchNorm re-estimation.
 
-    `stream(n)` gives the next n batches of a stream of permutations of the training set seeded
-    by `seed`, each image with an augmentation seed of its own: the same seed gives the same
-    batches whether the network was just trained in this process or loaded from disk. Under
-    torchrun every process draws the same n batches and loads only its own share (batches rank,
-    rank + world, ...), so no image is decoded twice and the union over processes is exactly
-    what one process would see."""
+    `stream(n)` gives the next n batches of a stream of shuffled passes over the training set
+    seeded by `seed`, each image augmented as `PerSampleSeeded` draws it (seed, pass, image): the
+    same seed gives the same batches whether the network was just trained in this process or
+    loaded from disk. Under torchrun every process draws the same n batches and loads only its own
+    share (batches rank, rank + world, ...), so no image is decoded twice and the union over
+    processes is exactly what one process would see."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
                  pin_memory: bool = False):
         if len(dataset) == 0:
             raise DataError("the training set is empty; nothing to estimate importance on")
-        self.dataset = _SeededItems(dataset)
+        self.dataset = PerSampleSeeded(dataset, seed)
         self.batch_size = min(int(batch_size), len(dataset))
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.generator = torch.Generator().manual_seed(int(seed))
-        self._pool: List[int] = []
+        self._passes = 0
+        self._pool: List[Tuple[int, int]] = []
 
     def _take(self, count: int) -> List[Tuple[int, int]]:
         while len(self._pool) < count:
-            self._pool.extend(torch.randperm(len(self.dataset), generator=self.generator).tolist())
+            order = torch.randperm(len(self.dataset), generator=self.generator).tolist()
+            self._pool.extend((index, self._passes) for index in order)
+            self._passes += 1
         taken, self._pool = self._pool[:count], self._pool[count:]
-        seeds = torch.randint(0, 2 ** 62, (count,), generator=self.generator).tolist()
-        return list(zip(taken, seeds))
+        return taken
 
     def __call__(self, n: int, shard: bool = True) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        from utils.distributed import shard_indices
+        from .distributed import shard_indices
         batches = [self._take(self.batch_size) for _ in range(n)]
         if shard:
             batches = [batches[i] for i in shard_indices(n)]

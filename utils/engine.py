@@ -1,9 +1,18 @@
-"""The one training loop and the one evaluation loop.
+"""The one training loop and the one evaluation loop, for one process or many (torchrun + DDP).
 
-`train()` runs SGD with a multi-step schedule, keeps the state with the best validation accuracy,
-writes a resumable checkpoint atomically after every epoch, and, with `resume=True`, continues an
-interrupted run exactly where it stopped (model, optimiser, schedule and every RNG state restored,
-so the final metrics equal those of an uninterrupted run on the same device).
+`train()` runs the recipe a `TrainConfig` describes — by default SGD with momentum, a multi-step
+schedule and selection of the epoch with the best validation accuracy; optionally AdamW, step or
+cosine schedules after a linear warm-up, label smoothing, MixUp/CutMix, gradient clipping, CUDA
+mixed precision and an EMA of the weights (the options of torchvision's classification
+reference). It writes a resumable checkpoint atomically after every epoch and, with
+`resume=True`, continues an interrupted run exactly where it stopped (model, optimiser,
+schedule, grad scaler, EMA and every process's RNG states), so the final metrics equal those of
+an uninterrupted run on the same device.
+
+Under torchrun (`utils.distributed.is_distributed()`) the model is wrapped in
+DistributedDataParallel, the train sampler gets `set_epoch`, metrics are summed over all
+processes (exact, every sample counted once when loaders are sharded without padding, see
+`utils.data.shard_loaders`), and only rank 0 writes checkpoints, TensorBoard and progress bars.
 """
 from __future__ import annotations
 
@@ -12,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,12 +29,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed as dist_utils
 from .checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
+
+
+class TrainConfigError(ValueError):
+    """A training option that cannot work as given; one line naming the flag."""
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
@@ -52,73 +66,131 @@ def _set_rng_state(state: dict, loader) -> None:
         gen.set_state(state["loader"])
 
 
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULERS = ("multisteplr", "steplr", "cosineannealinglr")
+WARMUP_METHODS = ("linear", "constant")
+
+
 @dataclass
 class TrainConfig:
+    """A training recipe. The defaults are the CIFAR recipe of the scripts (SGD with momentum,
+    multi-step lr, best-on-validation selection); the other fields follow torchvision's
+    classification reference (`references/classification/train.py`)."""
     epochs: int
     lr: float
-    milestones: List[int]
+    milestones: List[int] = field(default_factory=list)
     gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
     # Extra loss term on the model (NN Slimming's L1 penalty on BatchNorm scales), or None.
     regularizer: Optional[Callable[[nn.Module], torch.Tensor]] = None
+    optimizer: str = "sgd"                 # sgd | adamw
+    lr_scheduler: str = "multisteplr"      # multisteplr (milestones) | steplr | cosineannealinglr
+    lr_step_size: int = 30                 # steplr: epochs between drops by `gamma`
+    lr_min: float = 0.0                    # cosineannealinglr: final lr
+    # Warm-up epochs before the main schedule, which then runs over the remaining epochs
+    # (milestones / step size count from the end of warm-up, as in torchvision).
+    lr_warmup_epochs: int = 0
+    lr_warmup_method: str = "linear"       # linear: lr * decay -> lr; constant: lr * decay
+    lr_warmup_decay: float = 0.01
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0               # > 0: torchvision.transforms.v2.MixUp on each batch
+    cutmix_alpha: float = 0.0              # > 0: v2.CutMix (one of the two, at random, if both)
+    clip_grad_norm: Optional[float] = None
+    amp: bool = False                      # CUDA autocast (float16) + GradScaler
+    model_ema: bool = False                # exponential moving average of weights and buffers
+    model_ema_steps: int = 32              # iterations between EMA updates
+    model_ema_decay: float = 0.99998       # per-iteration decay (adjusted for steps and batch)
+    # 'best_val': keep the epoch with the best validation accuracy (default when a validation
+    # loader exists); 'last': keep the last epoch (always so without a validation loader).
+    select: Optional[str] = None
+
+    def check(self, device: torch.device, has_val: bool) -> None:
+        def bad(msg):
+            raise TrainConfigError(msg)
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"--opt '{self.optimizer}' is not supported; use one of {', '.join(OPTIMIZERS)}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            bad(f"--lr-scheduler '{self.lr_scheduler}' is not supported; use one of "
+                f"{', '.join(LR_SCHEDULERS)}")
+        if self.lr_warmup_method not in WARMUP_METHODS:
+            bad(f"--lr-warmup-method '{self.lr_warmup_method}' is not supported; use linear or constant")
+        if self.epochs < 0 or self.lr_warmup_epochs < 0:
+            bad("--epochs and --lr-warmup-epochs must not be negative")
+        if self.lr_warmup_epochs and self.lr_warmup_epochs >= max(self.epochs, 1):
+            bad(f"--lr-warmup-epochs {self.lr_warmup_epochs} leaves no epoch for the main schedule "
+                f"of {self.epochs} epochs; lower it")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            bad(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            bad("--mixup-alpha and --cutmix-alpha must not be negative")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            bad(f"--clip-grad-norm must be positive, got {self.clip_grad_norm}")
+        if self.amp and torch.device(device).type != "cuda":
+            bad("--amp (mixed precision) needs a CUDA device; drop --amp or run on a GPU")
+        if self.model_ema and (self.model_ema_steps < 1 or not 0.0 < self.model_ema_decay < 1.0):
+            bad("--model-ema-steps must be >= 1 and --model-ema-decay in (0, 1)")
+        if self.select not in (None, "best_val", "last"):
+            bad(f"select '{self.select}' is not supported; use best_val or last")
+        if self.select == "best_val" and not has_val:
+            bad("best-on-validation selection needs a validation split; give --val_fraction > 0")
 
 
 @dataclass
 class TrainResult:
-    best_val_acc: float
+    best_val_acc: Optional[float]
     best_epoch: int
     epochs_run: int
     seconds: float
     history: List[dict] = field(default_factory=list)
+    ema: Optional[nn.Module] = None        # the EMA copy (an AveragedModel) when cfg.model_ema
+    finished: bool = True                  # False when stopped early by `stop_after`
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device, progress: bool = False, desc: str = "eval"):
-    """(mean loss, accuracy in %) of `model` on `loader`; restores the train/eval flag."""
-    was = model.training
-    model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        total_loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        count += y.numel()
-    model.train(was)
-    if count == 0:
-        return float("nan"), float("nan")
-    return total_loss / count, 100.0 * correct / count
-
+# ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate_metrics(model: nn.Module, loader, device, progress: bool = False,
-                     desc: str = "eval") -> dict:
-    """{'loss', 'top1', 'top5' (in %), 'count'} of `model` on `loader`. Under torchrun each process
-    passes its own shard and the sums are added over processes, so the figures are exact."""
-    from .distributed import all_reduce_sum
+def evaluate_metrics(model: nn.Module, loader, device, progress: bool = False, desc: str = "eval",
+                     amp: bool = False) -> dict:
+    """{'loss', 'top1', 'top5', 'count'} of `model` on `loader` (accuracies in %).
+
+    In a distributed run the sums of loss, correct predictions and samples are all-reduced, so
+    the result is exact over the union of the processes' loaders (shard them without padding:
+    `utils.data.shard_loaders`); every process must call this. Restores the train/eval flag."""
     was = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, count
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    device = torch.device(device)
+    # loss, top-1 correct, top-5 correct, count; summed on the device (no sync per batch)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    show = progress and dist_utils.is_main()
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not show):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        k = min(5, out.shape[1])
-        hits = out.topk(k, dim=1).indices.eq(y[:, None])
-        sums += torch.tensor([F.cross_entropy(out, y, reduction="sum").item(),
-                              hits[:, 0].sum().item(), hits.any(1).sum().item(), y.numel()],
-                             dtype=torch.float64)
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            out = model(x)
+        out = out.float()
+        hits = out.topk(min(5, out.shape[1]), dim=1).indices == y[:, None]
+        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                             torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
     model.train(was)
-    loss, top1, top5, count = all_reduce_sum(sums).tolist()
-    if count == 0:
+    sums = dist_utils.all_reduce_sum(sums.cpu())
+    loss, c1, c5, n = sums.tolist()
+    if n == 0:
         return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "count": 0}
-    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
-            "count": int(count)}
+    return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "count": int(n)}
 
+
+def evaluate(model: nn.Module, loader, device, progress: bool = False, desc: str = "eval"):
+    """(mean loss, top-1 accuracy in %) of `model` on `loader`; see `evaluate_metrics`."""
+    m = evaluate_metrics(model, loader, device, progress=progress, desc=desc)
+    return m["loss"], m["top1"]
+
+
+# ----------------------------------------------------------------------------- building blocks
 
 def _open_writer(log_dir: Optional[Path]):
-    if log_dir is None:
+    if log_dir is None or not dist_utils.is_main():
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -132,20 +204,132 @@ def _cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig):
+    """Per-epoch lr schedule: the main schedule, after `lr_warmup_epochs` of warm-up if any
+    (torchvision's arrangement: SequentialLR of a LinearLR/ConstantLR and the main one)."""
+    sched = torch.optim.lr_scheduler
+    main_epochs = cfg.epochs - cfg.lr_warmup_epochs
+    if cfg.lr_scheduler == "steplr":
+        main = sched.StepLR(optimizer, step_size=cfg.lr_step_size, gamma=cfg.gamma)
+    elif cfg.lr_scheduler == "cosineannealinglr":
+        main = sched.CosineAnnealingLR(optimizer, T_max=max(main_epochs, 1), eta_min=cfg.lr_min)
+    else:
+        main = sched.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    if cfg.lr_warmup_epochs <= 0:
+        return main
+    if cfg.lr_warmup_method == "linear":
+        warm = sched.LinearLR(optimizer, start_factor=cfg.lr_warmup_decay,
+                              total_iters=cfg.lr_warmup_epochs)
+    else:
+        warm = sched.ConstantLR(optimizer, factor=cfg.lr_warmup_decay,
+                                total_iters=cfg.lr_warmup_epochs)
+    return sched.SequentialLR(optimizer, [warm, main], milestones=[cfg.lr_warmup_epochs])
+
+
+def build_batch_mixer(cfg: TrainConfig, num_classes: int) -> Optional[Callable]:
+    """MixUp / CutMix on a whole batch (inputs, int targets) -> (inputs, soft targets), or None."""
+    if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
+        return None
+    from torchvision.transforms import v2
+    choices = []
+    if cfg.mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def _ema_decay_fn(decay: float) -> Callable:
+    def ema_avg(averaged, current, num_averaged):
+        return decay * averaged + (1.0 - decay) * current
+    return ema_avg
+
+
+def build_ema(model: nn.Module, cfg: TrainConfig, global_batch: int) -> torch.optim.swa_utils.AveragedModel:
+    """EMA of weights and buffers, updated every `model_ema_steps` iterations. As in torchvision,
+    the decay is given per iteration at a reference global batch of 1 and epoch count 1, and is
+    adjusted so the averaging horizon in epochs does not depend on batch size, steps or epochs."""
+    adjust = global_batch * cfg.model_ema_steps / max(cfg.epochs, 1)
+    alpha = min(1.0, (1.0 - cfg.model_ema_decay) * adjust)
+    return torch.optim.swa_utils.AveragedModel(model, avg_fn=_ema_decay_fn(1.0 - alpha),
+                                               use_buffers=True)
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Make every process hold rank 0's buffers (BatchNorm running statistics): with DDP each
+    process updates them from its own batches, and evaluation and checkpoints must agree."""
+    if not dist_utils.is_distributed():
+        return
+    import torch.distributed as dist
+    comm = dist_utils._comm_device()
+    with torch.no_grad():
+        for b in model.buffers():
+            buf = b.detach().to(comm, copy=True)
+            dist.broadcast(buf, src=0)
+            b.copy_(buf.to(b.device))
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    if not dist_utils.is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if hasattr(getattr(batch_sampler, "sampler", None), "set_epoch"):
+        batch_sampler.sampler.set_epoch(epoch)
+
+
+def _num_classes(loaders, model: nn.Module) -> int:
+    n = getattr(loaders, "num_classes", None)
+    if n:
+        return int(n)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features
+
+
+# ----------------------------------------------------------------------------- training
+
 def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: Path,
           resume: bool = False, log_dir: Optional[Path] = None, progress: bool = True,
-          desc: str = "train", meta: Optional[dict] = None) -> TrainResult:
-    """Train `model` in place; at the end it holds the best-validation weights.
+          desc: str = "train", meta: Optional[dict] = None, monitor=None,
+          stop_after: Optional[int] = None) -> TrainResult:
+    """Train `model` in place; at the end it holds the selected weights (best validation epoch,
+    or the last epoch when `cfg.select == 'last'` or `loaders.val` is None).
 
-    checkpoint_path: the per-epoch resumable checkpoint (written atomically).
+    checkpoint_path: the per-epoch resumable checkpoint (written atomically by rank 0; every rank
+      resumes from it).
     meta: extra fields stored in the checkpoint (architecture name, class count, ...).
+    monitor: a loader evaluated after every epoch for the record only (e.g. the reported test
+      set; never used for selection): history gets test_loss, test_top1, test_top5.
+    stop_after: stop after this many epochs in this call (the checkpoint lets `resume` go on),
+      e.g. to fit a job's time limit.
     """
+    device = torch.device(device)
+    cfg.check(device, loaders.val is not None)
+    select = cfg.select or ("best_val" if loaders.val is not None else "last")
+    main = dist_utils.is_main()
+    world = dist_utils.world_size()
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones,
-                                                     gamma=cfg.gamma)
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp else None
+    ema = build_ema(model, cfg, loaders.train.batch_size * world) if cfg.model_ema else None
+    mixer = (build_batch_mixer(cfg, _num_classes(loaders, model))
+             if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 else None)
     start_epoch, best_acc, best_epoch = 0, -1.0, -1
     best_state = None
     history: List[dict] = []
@@ -154,72 +338,138 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
         try:
             model.load_state_dict(ckpt["state_dict"])
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError):
-            raise CheckpointError(f"checkpoint {checkpoint_path} does not match this run's model; "
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
+            if scaler is not None:
+                scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"checkpoint {checkpoint_path} does not match this run's model or "
+                                  "recipe (architecture, optimiser, schedule, --model-ema, --amp); "
                                   "delete it or run without --resume") from None
-        scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch = ckpt["epoch"]
         best_acc, best_epoch = ckpt["best_val_acc"], ckpt["best_epoch"]
         best_state = ckpt["best_state"]
         history = ckpt.get("history", [])
-        _set_rng_state(ckpt["rng"], loaders.train)
-    elif loaders.val is not None:
+        rng = ckpt["rng"]
+        # One RNG state per process; with another process count, a fresh per-rank seed.
+        if isinstance(rng, list):
+            if len(rng) == world:
+                _set_rng_state(rng[dist_utils.rank()], loaders.train)
+            else:
+                seed_everything(int(ckpt.get("epoch", 0)) * 1000 + dist_utils.rank())
+        else:
+            _set_rng_state(rng, loaders.train)
+    elif loaders.val is not None and select == "best_val":
         # The starting point competes too: fine-tuning never hands back a network that is worse
         # on the validation split than the one it was given.
-        best_acc = evaluate(model, loaders.val, device)[1]
+        best_acc = evaluate_metrics(model, loaders.val, device, amp=cfg.amp)["top1"]
         best_epoch = 0
         best_state = _cpu_state(model)
+    net = _wrap_ddp(model, device)
     writer = _open_writer(log_dir)
     t0 = time.perf_counter()
-    epochs = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
-                  disable=not progress, unit="epoch")
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    epochs = tqdm(range(start_epoch, end_epoch), desc=desc, initial=start_epoch, total=cfg.epochs,
+                  disable=not (progress and main), unit="epoch")
+    steps_per_epoch = len(loaders.train)
     try:
         for epoch in epochs:
-            model.train()
-            run_loss, run_correct, run_count = 0.0, 0, 0
-            for x, y in tqdm(loaders.train, desc=f"epoch {epoch + 1}", leave=False,
-                             disable=not progress):
+            net.train()
+            _set_epoch(loaders.train, epoch)
+            sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+            correct = torch.zeros((), dtype=torch.int64, device=device)  # summed without syncs
+            t_epoch = time.perf_counter()
+            for i, (x, y) in enumerate(tqdm(loaders.train, desc=f"epoch {epoch + 1}", leave=False,
+                                            disable=not (progress and main))):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                total = loss + cfg.regularizer(model) if cfg.regularizer is not None else loss
+                hard = y
+                if mixer is not None:
+                    x, y = mixer(x, y)
+                    hard = y.argmax(1)
+                with torch.autocast(device.type, enabled=cfg.amp):
+                    out = net(x)
+                    loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+                    total = loss + cfg.regularizer(model) if cfg.regularizer is not None else loss
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"training loss became {loss.item()} at epoch "
+                if scaler is not None:
+                    scaler.scale(total).backward()
+                    if cfg.clip_grad_norm is not None:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    total.backward()
+                    if cfg.clip_grad_norm is not None:
+                        nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                    optimizer.step()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training loss became {value} at epoch "
                                              f"{epoch + 1}; lower the learning rate")
-                run_loss += loss.item() * y.numel()
-                run_correct += (out.argmax(1) == y).sum().item()
-                run_count += y.numel()
+                if ema is not None and (epoch * steps_per_epoch + i) % cfg.model_ema_steps == 0:
+                    ema.update_parameters(model)
+                    if epoch < cfg.lr_warmup_epochs:
+                        ema.n_averaged.fill_(0)  # during warm-up the EMA just follows the model
+                correct += (out.argmax(1) == hard).sum()
+                sums += torch.tensor([value * y.shape[0], 0.0, y.shape[0]], dtype=torch.float64)
             scheduler.step()
-            val_loss, val_acc = evaluate(model, loaders.val, device)
-            record = {"epoch": epoch + 1, "train_loss": run_loss / max(run_count, 1),
-                      "train_acc": 100.0 * run_correct / max(run_count, 1),
-                      "val_loss": val_loss, "val_acc": val_acc,
-                      "lr": optimizer.param_groups[0]["lr"]}
+            sums[1] = float(correct.item())
+            _sync_buffers(model)
+            train_seconds = time.perf_counter() - t_epoch
+            loss_sum, correct, count = dist_utils.all_reduce_sum(sums).tolist()
+            record = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1),
+                      "train_acc": 100.0 * correct / max(count, 1),
+                      "lr": optimizer.param_groups[0]["lr"],
+                      "train_images_per_s": count / max(train_seconds, 1e-9)}
+            if loaders.val is not None:
+                m = evaluate_metrics(model, loaders.val, device, amp=cfg.amp)
+                record.update(val_loss=m["loss"], val_acc=m["top1"], val_top5=m["top5"])
+            if monitor is not None:
+                m = evaluate_metrics(model, monitor, device, progress=progress, desc="test",
+                                     amp=cfg.amp)
+                record.update(test_loss=m["loss"], test_top1=m["top1"], test_top5=m["top5"])
+                if ema is not None:
+                    m = evaluate_metrics(ema.module, monitor, device, amp=cfg.amp)
+                    record.update(test_loss_ema=m["loss"], test_top1_ema=m["top1"],
+                                  test_top5_ema=m["top5"])
             history.append(record)
-            if val_acc > best_acc:
-                best_acc, best_epoch = val_acc, epoch + 1
+            if select == "best_val" and record["val_acc"] > best_acc:
+                best_acc, best_epoch = record["val_acc"], epoch + 1
                 best_state = _cpu_state(model)
             if writer is not None:
                 for k, v in record.items():
                     if k != "epoch":
                         writer.add_scalar(f"{desc}/{k}", v, epoch + 1)
-            epochs.set_postfix(val_acc=f"{val_acc:.2f}", best=f"{best_acc:.2f}")
-            save_atomic({"format": FORMAT, "kind": "training", **(meta or {}),
+            if "val_acc" in record:
+                epochs.set_postfix(val_acc=f"{record['val_acc']:.2f}", best=f"{best_acc:.2f}")
+            elif "test_top1" in record:
+                epochs.set_postfix(test_top1=f"{record['test_top1']:.2f}")
+            rngs = dist_utils.all_gather_object(_rng_state(loaders.train))
+            if main:
+                state = {"format": FORMAT, "kind": "training", **(meta or {}),
                          "epoch": epoch + 1, "state_dict": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "best_val_acc": best_acc, "best_epoch": best_epoch,
-                         "best_state": best_state, "history": history,
-                         "rng": _rng_state(loaders.train)}, checkpoint_path)
+                         "best_state": best_state, "history": history, "world_size": world,
+                         "rng": rngs[0] if world == 1 else rngs}
+                if ema is not None:
+                    state["ema"] = ema.state_dict()
+                if scaler is not None:
+                    state["scaler"] = scaler.state_dict()
+                save_atomic(state, checkpoint_path)
+            dist_utils.barrier()  # nobody runs ahead of (or exits before) the checkpoint
     finally:
         if writer is not None:
             writer.close()
-    if best_state is not None:
+    if select == "best_val" and best_state is not None:
         model.load_state_dict(best_state)
-    return TrainResult(best_acc, best_epoch, cfg.epochs - start_epoch,
-                       time.perf_counter() - t0, history)
+    else:
+        best_acc = history[-1].get("val_acc") if history else None
+        best_epoch = history[-1]["epoch"] if history else start_epoch
+    return TrainResult(best_acc, best_epoch, end_epoch - start_epoch, time.perf_counter() - t0,
+                       history, ema=ema, finished=end_epoch >= cfg.epochs)
 
 
 @torch.no_grad()
