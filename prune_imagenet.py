@@ -33,9 +33,9 @@ IMPORTANCE_BATCH_SIZE = 2
 
 def parse(argv):
     p = cli.parser(__doc__.splitlines()[0])
-    cli.add_data_model(p, default_model="vit_b_16", default_dataset="imagenet",
-                       default_weights="IMAGENET1K_V1")
-    cli.add_run(p)
+    cli.add_loading(cli.add_data_model(p, default_model="vit_b_16", default_dataset="imagenet",
+                                       default_weights="IMAGENET1K_V1"))
+    cli.add_outputs(cli.add_run(p))
     cli.add_pruning(p, iterative_steps=ITERATIVE_STEPS, iters_per_step=IMPORTANCE_BATCHES)
     g = p.add_argument_group("ImageNet pruning")
     g.add_argument("--ops_ratios", type=float, nargs="+", default=[0.51],

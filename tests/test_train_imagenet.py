@@ -95,7 +95,7 @@ def test_single_process_fine_tunes_and_saves(single, world):
     assert rec["world_size"] == 1 and rec["global_batch_size"] == 4 and rec["test_images"] == 12
     assert len(hist) == 1 and set(METRICS) <= set(hist[0])
     model, meta = load_pruned_model(single / "pruned_model_finetuned.pth", with_meta=True)
-    assert meta["image_size"] == 32 and meta["model"] == "vit_tiny"
+    assert meta["image_size"] == 32 and meta["arch"] == "vit_tiny"
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
     assert (single / "pruned_model_newest.pth").exists()
 
