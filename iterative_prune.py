@@ -28,16 +28,17 @@ def main(argv=None):
     model = workflow.load_or_train_dense(ctx)
     dense_info = workflow.dense_record(ctx, model)
     widths = channel_widths(model)  # caps stay relative to the dense network
-    records = []
-    for target in args.ops_ratios:
+
+    def one_target(target):  # continues from the previous target's fine-tuned network
+        nonlocal model
         tdir = workflow.target_dir(ctx, target)
         if args.resume and (tdir / "results.json").exists():
-            records.append(json.loads((tdir / "results.json").read_text()))
             model = load_pruned_model(tdir / "pruned_model.pth", device=ctx.device)
-            continue
+            return json.loads((tdir / "results.json").read_text())
         model, record = workflow.prune_and_finetune(ctx, model, target, dense_info, widths)
-        records.append(record)
-    workflow.report(ctx, records)
+        return record
+
+    workflow.run_targets(ctx, args.ops_ratios, one_target)
     return 0
 
 

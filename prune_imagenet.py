@@ -92,13 +92,12 @@ def main(argv=None):
     dense_info = workflow.dense_record(ctx, dense, measure=args.eval)
     widths = channel_widths(dense)
     save_dir = Path(args.save_dir)
-    records = []
-    for target in args.ops_ratios:
+
+    def one_target(target):
         name = args.model_name if len(args.ops_ratios) == 1 else f"{args.model_name}_ops{target:g}"
         done = save_dir / f"{name}.json"
         if args.resume and done.exists() and (save_dir / f"{name}.pth").exists():
-            records.append(json.loads(done.read_text()))
-            continue
+            return json.loads(done.read_text())
         model, info = workflow.prune_and_measure(ctx, copy.deepcopy(dense), target,
                                                  dense_info["macs"], widths, measure=args.eval)
         record = workflow.pruned_record(ctx, model, target, dense_info, info)
@@ -112,8 +111,9 @@ def main(argv=None):
             print(f"saved {save_dir / f'{name}.pth'} ({format_count(record['pruned_macs'])} MACs, "
                   f"ratio {record['achieved_ops_ratio']:.3f}); fine-tune it with:\n  "
                   f"{record['finetune_command']}", flush=True)
-        records.append(record)
-    workflow.report(ctx, records, save_dir / f"{args.model_name}_summary.json")
+        return record
+
+    workflow.run_targets(ctx, args.ops_ratios, one_target, save_dir / f"{args.model_name}_summary.json")
     return 0
 
 

@@ -29,15 +29,14 @@ def main(argv=None):
     dense = workflow.load_or_train_dense(ctx)
     dense_info = workflow.dense_record(ctx, dense)
     widths = channel_widths(dense)
-    records = []
-    for target in args.ops_ratios:
+
+    def one_target(target):
         done = workflow.target_dir(ctx, target) / "results.json"
         if args.resume and done.exists():
-            records.append(json.loads(done.read_text()))
-            continue
-        _, record = workflow.prune_and_finetune(ctx, copy.deepcopy(dense), target, dense_info, widths)
-        records.append(record)
-    workflow.report(ctx, records)
+            return json.loads(done.read_text())
+        return workflow.prune_and_finetune(ctx, copy.deepcopy(dense), target, dense_info, widths)[1]
+
+    workflow.run_targets(ctx, args.ops_ratios, one_target)
     return 0
 
 

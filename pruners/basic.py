@@ -34,8 +34,6 @@ def _taylor_scores(model, batches, loss_fn):
         return {n: (p.detach() * g).abs() for n, p, g in zip(names, tensors, grads) if g is not None}
 
     with preserved_state(model):
-        # Eval mode: the batch statistics of BatchNorm must not drift during scoring.
-        model.eval()
         return average_batch_scores(model, batches, per_batch)
 
 

@@ -32,7 +32,7 @@ from utils.flops import count_macs, count_params
 
 from .attention_units import AttentionSlot, attention_projections, attention_slots
 from .group_scores import ScoreFolder
-from .registry import Batch, get_method
+from .registry import DEFAULT_SCORE_MODE, Batch, check_score_mode, get_method
 
 
 class PruningError(ValueError):
@@ -54,6 +54,7 @@ class PruneSettings:
     method_options: dict = field(default_factory=dict)
     max_steps_factor: int = 4  # hard stop: iterative_steps * this many steps
     prune_heads: bool = False  # attention: remove whole heads instead of q/k and v dims
+    score_mode: str = DEFAULT_SCORE_MODE  # network mode while scoring: train or eval
 
     def validate(self):
         if not 0.0 < self.target_ops_ratio <= 1.0:
@@ -62,6 +63,7 @@ class PruneSettings:
         if not 0.0 < self.max_pruning_ratio < 1.0:
             raise PruningError(f"--max_pruning_ratio {self.max_pruning_ratio} is out of range; "
                                "use a value in (0, 1)")
+        check_score_mode(self.score_mode)
         if self.iterative_steps < 1 or self.iters_per_step < 1:
             raise PruningError("--iterative_steps and --iters_per_step must be at least 1")
 
@@ -300,9 +302,8 @@ def prune_to_target(model: nn.Module, method_name: str, batches: Callable[[int],
         goal = max(target_macs, macs_before * (target_macs / macs_before) ** (k / settings.iterative_steps))
         budget = macs - goal
         t0 = time.perf_counter()
-        scores = method.estimate(model, batches(settings.iters_per_step), loss_fn,
-                                 **settings.method_options) if method.needs_data else \
-            method.estimate(model, [], loss_fn, **settings.method_options)
+        scores = method.score(model, batches(settings.iters_per_step) if method.needs_data else [],
+                              loss_fn, settings.score_mode, **settings.method_options)
         folder = ScoreFolder(model, scores, in_channels=method.in_channels,
                              norm_layers=method.norm_layers, multivariable=settings.multivariable,
                              normalizer=settings.normalizer, finalize=method.finalize)

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.distributed import all_reduce_dict, all_reduce_sum, is_distributed
+from utils.log import warn_once
 
 from .registry import Batch, CriterionError, model_device, preserved_state, to_device
 
@@ -125,6 +126,8 @@ def spd_inverse(factor: torch.Tensor) -> torch.Tensor:
         chol = torch.linalg.cholesky(f64)
         inv = torch.cholesky_inverse(chol)
     except RuntimeError:  # numerically indefinite: fall back to the symmetric pseudo-inverse
+        warn_once("kfac-cholesky", "a K-FAC factor is not positive definite (Cholesky failed); "
+                                   "its pseudo-inverse is used instead. A larger --damping avoids this")
         inv = torch.linalg.pinv(f64, hermitian=True)
     return symmetrize(inv).to(factor.dtype)
 
@@ -300,8 +303,7 @@ def collect_kfac_statistics(model: nn.Module, batches: Iterable[Batch], loss_fn:
     accumulators = {key: _Accumulator(m, full_input, channel_input, diagonal)
                     for key, m in layers.items()}
     examples = 0
-    with preserved_state(model):
-        model.eval()  # BatchNorm uses its running statistics and leaves them alone
+    with preserved_state(model):  # in the caller's mode; BatchNorm statistics restored after
         for batch in batches:
             x, y = to_device(batch, device)
             examples += x.shape[0]

@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from .kfac import (LayerStatistics, collect_kfac_statistics, damped,
                    matrix_to_parameters, named_matrix_scores, spd_inverse, weight_matrix)
-from .registry import Batch, CriterionError, Method, ScoreDict, register
+from .registry import (DEFAULT_SCORE_MODE, Batch, CriterionError, Method, ScoreDict,
+                       check_score_mode, preserved_state, register)
 
 OPTIONS = ("fisher_type", "damping", "obs_update")
 DEFAULT_DAMPING = 1e-3
@@ -186,9 +187,14 @@ def _eigen_estimate(model, batches, loss_fn, **options):
     return eigen_parameter_scores(model, batches, loss_fn, **options)
 
 
-def _eigen_prune(model, batches, loss_fn, example_inputs, target_ratio, **options):
+def _eigen_prune(model, batches, loss_fn, example_inputs, target_ratio,
+                 score_mode=DEFAULT_SCORE_MODE, **options):
     from .eigendamage import prune_to_macs_target
-    return prune_to_macs_target(model, batches, loss_fn, example_inputs, target_ratio, **options)
+    check_score_mode(score_mode)
+    with preserved_state(model):  # the factors are estimated in `score_mode`
+        model.train(score_mode == "train")
+        return prune_to_macs_target(model, batches, loss_fn, example_inputs, target_ratio,
+                                    **options)
 
 
 C_OBD = register(Method("C-OBD", c_obd_scores, in_channels=False, options=OPTIONS,
@@ -201,6 +207,7 @@ KRON_OBS = register(Method("Kron-OBS", kron_obs_scores, in_channels=False, optio
                            compensate=kron_obs_compensate,
                            description="filter: ½ θ_iᵀ A θ_i / [S⁻¹]_ii, with the OBS update"))
 EIGEN = register(Method("Eigen", _eigen_estimate, in_channels=False, options=("fisher_type",),
-                        prune_to_target=_eigen_prune, prune_options=("fisher_type", "depthwise"),
+                        prune_to_target=_eigen_prune,
+                        prune_options=("fisher_type", "depthwise", "score_mode"),
                         description="EigenDamage; structured pruning re-parameterises layers "
                                     "(pruners.eigendamage.prune_to_macs_target)"))

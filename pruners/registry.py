@@ -23,6 +23,18 @@ class CriterionError(ValueError):
     """Bad criterion name or options; the message is meant for the user, one line."""
 
 
+# The network's mode while it is scored, the same for every criterion: 'train' (BatchNorm on
+# batch statistics, dropout active; what the published code does) or 'eval' (running statistics).
+SCORE_MODES = ("train", "eval")
+DEFAULT_SCORE_MODE = "train"
+
+
+def check_score_mode(score_mode: str) -> None:
+    if score_mode not in SCORE_MODES:
+        raise CriterionError(f"unknown score mode '{score_mode}'; choose one of: "
+                             f"{', '.join(SCORE_MODES)}")
+
+
 @dataclass
 class Method:
     """One importance criterion.
@@ -62,6 +74,15 @@ class Method:
     prune_options: Tuple[str, ...] = ()  # keyword options of prune_to_target beyond `options`
     state: dict = field(default_factory=dict)
 
+    def score(self, model: nn.Module, batches: Iterable[Batch], loss_fn: Callable,
+              score_mode: str = DEFAULT_SCORE_MODE, **options) -> ScoreDict:
+        """`estimate` with the network in `score_mode` ('train' or 'eval'); every buffer
+        (BatchNorm running statistics included) and train/eval flag is restored afterwards."""
+        check_score_mode(score_mode)
+        with preserved_state(model):
+            model.train(score_mode == "train")
+            return self.estimate(model, batches if self.needs_data else [], loss_fn, **options)
+
 
 _METHODS: Dict[str, Method] = {}
 
@@ -91,12 +112,15 @@ def get_method(name: str) -> Method:
 
 
 def parameter_scores(method: str, model: nn.Module, batches: Iterable[Batch],
-                     criterion: Optional[Callable] = None, **options) -> ScoreDict:
+                     criterion: Optional[Callable] = None, score_mode: str = DEFAULT_SCORE_MODE,
+                     **options) -> ScoreDict:
     """Per-parameter importance of `model`, averaged over `batches`.
 
     method: a registered criterion name ("Weight", "Taylor", "OBA", "fastOBA", ...).
     batches: an iterable of (inputs, targets); they are moved to the model's device.
     criterion: the loss, `loss = criterion(model(inputs), targets)` (default cross-entropy).
+    score_mode: 'train' (BatchNorm on batch statistics, as the published code) or 'eval'
+    (running statistics); the model's own mode and buffers are restored afterwards.
     Returns {name as in model.named_parameters(): tensor of that parameter's shape}; only
     parameters the criterion scores appear.
     """
@@ -107,7 +131,7 @@ def parameter_scores(method: str, model: nn.Module, batches: Iterable[Batch],
             f"{method} does not take option(s) {', '.join(unknown)}; it takes: "
             f"{', '.join(spec.options) or 'none'}")
     loss_fn = criterion if criterion is not None else nn.CrossEntropyLoss()
-    return spec.estimate(model, batches, loss_fn, **options)
+    return spec.score(model, batches, loss_fn, score_mode, **options)
 
 
 def model_device(model: nn.Module) -> torch.device:

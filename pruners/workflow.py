@@ -155,6 +155,7 @@ def prune_settings(args, target: float) -> PruneSettings:
                          iters_per_step=args.iters_per_step,
                          max_pruning_ratio=args.max_pruning_ratio, normalizer=args.normalizer,
                          multivariable=args.multivariable, prune_heads=args.prune_heads,
+                         score_mode=args.score_mode,
                          method_options=method_options(args, method))
 
 
@@ -319,10 +320,33 @@ def summary_line(r: dict) -> str:
 
 
 def report(ctx: Context, records, summary_path: Optional[Path] = None) -> None:
-    """Write summary.json for the run and print one readable line per target (rank 0 only)."""
+    """Write summary.json for the run and print one readable line per finished target (rank 0
+    only)."""
     if not ctx.is_main:
         return
     write_json(records, summary_path or ctx.out_dir / "summary.json")
     print(f"\nResults ({ctx.out_dir}):")
     for r in records:
-        print("  " + summary_line(r))
+        if r.get("status") == "failed":
+            print(f"  {r['importance_type']} ops {r['target_ops_ratio']:g}: failed: {r['error']}")
+        else:
+            print("  " + summary_line(r))
+
+
+def run_targets(ctx: Context, targets, run_one: Callable[[float], dict],
+                summary_path: Optional[Path] = None) -> list:
+    """records = [run_one(target) for target in targets], then the summary. When a target fails,
+    the summary still records every finished target and the failed one (status 'failed' and the
+    error) before the error goes on to the user."""
+    records = []
+    for target in targets:
+        try:
+            records.append(run_one(target))
+        except Exception as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            failed = {"importance_type": ctx.args.importance_type, "target_ops_ratio": target,
+                      "status": "failed", "error": message}
+            report(ctx, records + [failed], summary_path)
+            raise
+    report(ctx, records, summary_path)
+    return records

@@ -300,7 +300,8 @@ def test_eigen_parameter_scores_total_equals_theta():
     torch.manual_seed(7)
     model = _randomise_bn(SmallVGG()).double()
     batches = [(x.double(), y) for x, y in _batches()]
-    scores = parameter_scores("Eigen", model, batches, fisher_type="empirical")
+    scores = parameter_scores("Eigen", model, batches, fisher_type="empirical", score_mode="eval")
+    model.eval()  # the same mode for the direct statistics
     stats = collect_eigen_statistics(model, batches, LOSS, fisher_type="empirical")
     for name in stats.layers:
         weight = model.get_submodule(name).weight

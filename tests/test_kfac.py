@@ -119,9 +119,9 @@ def test_conv_statistics_match_explicit_formulas():
     torch.manual_seed(1)
     net = _bn_with_stats(ConvNet())
     x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 4, (3,))
+    net.eval()  # the statistics follow the caller's mode (the registry sets --score_mode)
     stats = kfac.collect_kfac_statistics(net, [(x, y)], nn.CrossEntropyLoss(),
                                          fisher_type="empirical", channel_input=True, diagonal=True)
-    net.eval()
     A, S, Fd = explicit_statistics(net, net.conv, x, y, lambda a: explicit_patches(net.conv, a))
     st = stats["conv"]
     assert st.A.shape == (2 * 9 + 1, 2 * 9 + 1)

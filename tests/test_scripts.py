@@ -152,3 +152,30 @@ def test_same_seed_same_masks_and_metrics(dense_dir, tmp_path):
         assert recs[0][key] == recs[1][key], key
     for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_summary_records_finished_and_failed_targets(dense_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run("train_prune.py", *FAST, "--importance_type", "Weight", "--ops_ratios", "0.7",
+               "0.01", "--max_pruning_ratio", "0.5", "--sl_num_epochs", "0",
+               "--output_dir", str(out), "--save_path_prefix", str(dense_dir / "ckpt"))
+    assert_one_line_error(proc, "cannot be reached")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary[0]["target_ops_ratio"] == 0.7 and summary[0]["achieved_ops_ratio"] <= 0.7
+    assert summary[1]["target_ops_ratio"] == 0.01 and summary[1]["status"] == "failed"
+    assert "cannot be reached" in summary[1]["error"]
+
+
+def test_pretrained_weights_are_pruned_not_retrained(dense_dir, tmp_path):
+    # --weights means "prune these": even with the default --num_epochs no training starts
+    import torch
+    from models import get_model
+    weights = tmp_path / "w.pth"
+    torch.save(get_model("resnet8", 10).state_dict(), weights)
+    proc = run("train_prune.py", *[a for a in FAST if a not in ("--num_epochs", "1")],
+               "--importance_type", "Weight", "--ops_ratios", "0.7", "--sl_num_epochs", "0",
+               "--weights", str(weights), "--output_dir", str(tmp_path / "out"),
+               "--save_path_prefix", str(tmp_path / "ckpt"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dense training" not in proc.stderr
+    assert not (tmp_path / "ckpt" / "digits_resnet8.train.pth").exists()

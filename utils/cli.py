@@ -196,6 +196,10 @@ def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA",
     g.add_argument("--multivariable", action=argparse.BooleanOptionalAction, default=True,
                    help="channel score = |sum of its parameters' scores| (removed together); "
                         "--no-multivariable sums absolute per-parameter scores")
+    g.add_argument("--score_mode", default="train", choices=["train", "eval"],
+                   help="network mode while every criterion scores it: train (BatchNorm on batch "
+                        "statistics, as the published code) or eval (running statistics); "
+                        "running statistics are never changed by scoring")
     g.add_argument("--bn_recalibration_batches", type=int, default=16,
                    help="after every pruning step, re-estimate BatchNorm running statistics on this "
                         "many training batches (no weight changes); 0 turns it off")

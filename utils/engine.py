@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
+from .log import warn_once
 
 
 class TrainConfigError(ValueError):
@@ -194,7 +195,9 @@ def _open_writer(log_dir: Optional[Path]):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional at run time
+    except ImportError:  # tensorboard is optional at run time; say so rather than log nothing
+        warn_once("tensorboard", "tensorboard is not installed, so no TensorBoard logs are "
+                                 "written; install it or pass --no-tensorboard")
         return None
     return SummaryWriter(log_dir=str(log_dir))
 
