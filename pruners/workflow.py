@@ -139,7 +139,7 @@ def load_or_train_dense(ctx: Context) -> nn.Module:
     cfg = TrainConfig(epochs=args.num_epochs, lr=args.lr,
                       milestones=default_milestones(args.num_epochs, args.milestones),
                       gamma=args.lr_gamma, momentum=args.momentum, weight_decay=args.weight_decay,
-                      regularizer=_regularizer(args))
+                      regularizer=_regularizer(args), nan_policy=args.nan_policy)
     meta = {"arch": args.model, "num_classes": ctx.loaders.num_classes, "dataset": args.dataset}
     result = train(model, ctx.loaders, cfg, ctx.device, partial, resume=args.resume,
                    log_dir=(ctx.out_dir / "tb" / "dense") if args.tensorboard else None,
@@ -236,7 +236,8 @@ def finetune(ctx: Context, model: nn.Module, target_dir: Path, desc: str) -> dic
         return {"seconds": 0.0, "best_val_acc": None}
     cfg = TrainConfig(epochs=args.sl_num_epochs, lr=args.sl_lr,
                       milestones=default_milestones(args.sl_num_epochs, args.sl_milestones),
-                      gamma=args.lr_gamma, momentum=args.momentum, weight_decay=args.sl_weight_decay)
+                      gamma=args.lr_gamma, momentum=args.momentum, weight_decay=args.sl_weight_decay,
+                      nan_policy=args.nan_policy)
     result = train(model, ctx.loaders, cfg, ctx.device, target_dir / "finetune.train.pth",
                    resume=args.resume, log_dir=(target_dir / "tb") if args.tensorboard else None,
                    progress=ctx.progress, desc=desc)

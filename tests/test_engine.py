@@ -216,3 +216,54 @@ def test_evaluate_metrics_top5_and_count():
     assert m["top5"] == pytest.approx(
         100.0 * (out.topk(5, 1).indices == y[:, None]).any(1).float().mean().item())
     assert m["loss"] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-6)
+
+
+def _poisoned_loaders(bad_batch: int):
+    """Digits loaders whose training batch `bad_batch` (of every epoch) has a NaN pixel."""
+    from types import SimpleNamespace
+    loaders = build_loaders("digits", batch_size=64, seed=0)
+    clean = list(loaders.train)
+
+    class Poisoned:
+        def __iter__(self):
+            for k, (x, y) in enumerate(clean):
+                if k == bad_batch:
+                    x = x.clone()
+                    x[0, 0, 0, 0] = float("nan")
+                yield x, y
+
+        def __len__(self):
+            return len(clean)
+    return SimpleNamespace(train=Poisoned(), val=loaders.val, test=loaders.test)
+
+
+def test_nan_loss_stops_before_any_weight_changes(tmp_path):
+    from utils.log import RunFailure
+    torch.manual_seed(0)
+    model = get_model("resnet8", 10)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    cfg = engine.TrainConfig(epochs=1, lr=0.05, milestones=[1])
+    with pytest.raises(RunFailure, match=r"epoch 1, step 1 .*--nan_policy skip_batch"):
+        engine.train(model, _poisoned_loaders(0), cfg, "cpu", tmp_path / "c.pth", progress=False)
+    for k, v in model.named_parameters():  # the NaN loss never reached the optimiser
+        assert torch.equal(v, before[k]), k
+    assert not (tmp_path / "c.pth").exists()
+
+
+def test_nan_policy_skip_batch_skips_and_counts(tmp_path):
+    torch.manual_seed(0)
+    model = get_model("resnet8", 10)
+    cfg = engine.TrainConfig(epochs=2, lr=0.05, milestones=[1], nan_policy="skip_batch")
+    result = engine.train(model, _poisoned_loaders(2), cfg, "cpu", tmp_path / "c.pth",
+                          progress=False)
+    assert [h["skipped_batches"] for h in result.history] == [1, 1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(b).all() for b in model.buffers())  # BatchNorm statistics too
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
+
+
+def test_unknown_nan_policy_is_rejected(tmp_path):
+    cfg = engine.TrainConfig(epochs=1, lr=0.05, milestones=[1], nan_policy="ignore")
+    with pytest.raises(ValueError, match="nan_policy"):
+        engine.train(get_model("resnet8", 10), build_loaders("digits", batch_size=64), cfg, "cpu",
+                     tmp_path / "c.pth", progress=False)

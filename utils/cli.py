@@ -65,6 +65,13 @@ def add_dense_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight_decay", type=float, default=5e-4)
     g.add_argument("--sparsity_l1", type=float, default=0.0,
                    help="L1 penalty on BatchNorm scales while training the dense model (NN Slimming)")
+    add_nan_policy(g)
+
+
+def add_nan_policy(g) -> None:
+    g.add_argument("--nan_policy", default="stop", choices=["stop", "skip_batch"],
+                   help="a training batch with a NaN/inf loss: stop (naming epoch and step, before "
+                        "any weight changes) or skip_batch (no optimiser step for it)")
 
 
 def add_finetuning(p: argparse.ArgumentParser) -> None:
@@ -161,6 +168,7 @@ def add_recipe(p: argparse.ArgumentParser, epochs: int = 100, batch_size: int = 
                    help="CUDA mixed precision (autocast + GradScaler)")
     g.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction,
                    default=False, help="synchronise BatchNorm statistics across GPUs (CUDA only)")
+    add_nan_policy(g)
 
 
 def train_config(args, **overrides):
@@ -174,7 +182,7 @@ def train_config(args, **overrides):
               label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha,
               cutmix_alpha=args.cutmix_alpha, clip_grad_norm=args.clip_grad_norm, amp=args.amp,
               model_ema=args.model_ema, model_ema_steps=args.model_ema_steps,
-              model_ema_decay=args.model_ema_decay)
+              model_ema_decay=args.model_ema_decay, nan_policy=args.nan_policy)
     kw.update(overrides)
     return TrainConfig(**kw)
 
@@ -267,7 +275,8 @@ def _is_user_error(err: BaseException) -> bool:
 
 
 def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> None:
-    """Run a script's main(); bad input -> one line on stderr and exit 2, Ctrl-C -> exit 130."""
+    """Run a script's main(); bad input -> one line on stderr and exit 2, a run-time failure
+    (utils.log.RunFailure) -> one line and exit 1, Ctrl-C -> exit 130."""
     prog = os.path.basename(sys.argv[0])
     try:
         code = main(argv)
@@ -275,6 +284,10 @@ def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
         print(f"\n{prog}: interrupted; run again with --resume to continue", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - only our own user errors are turned into one line
+        from utils.log import RunFailure
+        if isinstance(err, RunFailure):
+            print(f"{prog}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+            sys.exit(1)
         if _is_user_error(err):
             print(f"{prog}: error: {str(err).splitlines()[0]}", file=sys.stderr)
             sys.exit(2)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
-from .log import warn_once
+from .log import RunFailure, warn_once
 
 
 class TrainConfigError(ValueError):
@@ -68,6 +68,7 @@ def _set_rng_state(state: dict, loader) -> None:
 
 
 OPTIMIZERS = ("sgd", "adamw")
+NAN_POLICIES = ("stop", "skip_batch")
 LR_SCHEDULERS = ("multisteplr", "steplr", "cosineannealinglr")
 WARMUP_METHODS = ("linear", "constant")
 
@@ -106,6 +107,9 @@ class TrainConfig:
     # 'best_val': keep the epoch with the best validation accuracy (default when a validation
     # loader exists); 'last': keep the last epoch (always so without a validation loader).
     select: Optional[str] = None
+    # A batch whose loss is NaN/inf: 'stop' (before any weight changes; the last epoch's
+    # checkpoint stays intact) or 'skip_batch' (no optimiser step for it; counted per epoch).
+    nan_policy: str = "stop"
 
     def check(self, device: torch.device, has_val: bool) -> None:
         def bad(msg):
@@ -128,6 +132,9 @@ class TrainConfig:
             bad("--mixup-alpha and --cutmix-alpha must not be negative")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             bad(f"--clip-grad-norm must be positive, got {self.clip_grad_norm}")
+        if self.nan_policy not in NAN_POLICIES:
+            bad(f"--nan_policy '{self.nan_policy}' is not supported; use one of "
+                f"{', '.join(NAN_POLICIES)}")
         if self.amp and torch.device(device).type != "cuda":
             bad("--amp (mixed precision) needs a CUDA device; drop --amp or run on a GPU")
         if self.model_ema and (self.model_ema_steps < 1 or not 0.0 < self.model_ema_decay < 1.0):
@@ -305,6 +312,23 @@ def _num_classes(loaders, model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- training
 
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (they must skip or stop together: DDP's
+    backward is a collective)."""
+    bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0)
+    return float(dist_utils.all_reduce_sum(bad)) == 0.0
+
+
+def _non_finite(cfg: TrainConfig, loss: torch.Tensor, epoch: int, step: int) -> None:
+    where = f"epoch {epoch + 1}, step {step + 1}"
+    if cfg.nan_policy == "stop":
+        raise RunFailure(f"training loss became {loss.item()} at {where} (no weights changed; the "
+                         "last epoch's checkpoint is intact); lower the learning rate, or pass "
+                         "--nan_policy skip_batch to skip such batches")
+    warn_once("nan-skip", f"training loss became {loss.item()} at {where}; skipping such batches "
+                          "(--nan_policy skip_batch; the count per epoch is in the history)")
+
+
 def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: Path,
           resume: bool = False, log_dir: Optional[Path] = None, progress: bool = True,
           desc: str = "train", meta: Optional[dict] = None, monitor=None,
@@ -383,6 +407,7 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
             sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
             correct = torch.zeros((), dtype=torch.int64, device=device)  # summed without syncs
             t_epoch = time.perf_counter()
+            skipped = 0
             for i, (x, y) in enumerate(tqdm(loaders.train, desc=f"epoch {epoch + 1}", leave=False,
                                             disable=not (progress and main))):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -390,11 +415,21 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
                 if mixer is not None:
                     x, y = mixer(x, y)
                     hard = y.argmax(1)
+                # skip_batch must also undo what a poisoned batch's forward does to BatchNorm
+                saved = ([b.detach().clone() for b in model.buffers()]
+                         if cfg.nan_policy == "skip_batch" else None)
                 with torch.autocast(device.type, enabled=cfg.amp):
                     out = net(x)
                     loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
                     total = loss + cfg.regularizer(model) if cfg.regularizer is not None else loss
                 optimizer.zero_grad(set_to_none=True)
+                if not _all_finite(total):
+                    skipped += 1
+                    _non_finite(cfg, loss, epoch, i)
+                    with torch.no_grad():
+                        for b, old in zip(model.buffers(), saved):
+                            b.copy_(old)
+                    continue
                 if scaler is not None:
                     scaler.scale(total).backward()
                     if cfg.clip_grad_norm is not None:
@@ -408,9 +443,6 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
                         nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
                     optimizer.step()
                 value = loss.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"training loss became {value} at epoch "
-                                             f"{epoch + 1}; lower the learning rate")
                 if ema is not None and (epoch * steps_per_epoch + i) % cfg.model_ema_steps == 0:
                     ema.update_parameters(model)
                     if epoch < cfg.lr_warmup_epochs:
@@ -425,7 +457,8 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
             record = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1),
                       "train_acc": 100.0 * correct / max(count, 1),
                       "lr": optimizer.param_groups[0]["lr"],
-                      "train_images_per_s": count / max(train_seconds, 1e-9)}
+                      "train_images_per_s": count / max(train_seconds, 1e-9),
+                      "skipped_batches": skipped}
             if loaders.val is not None:
                 m = evaluate_metrics(model, loaders.val, device, amp=cfg.amp)
                 record.update(val_loss=m["loss"], val_acc=m["top1"], val_top5=m["top5"])

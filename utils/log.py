@@ -6,6 +6,11 @@ import sys
 _said = set()
 
 
+class RunFailure(Exception):
+    """A failure while running (not bad input): the scripts print its one-line message and exit
+    with status 1 (bad input exits with 2)."""
+
+
 def warn_once(key: str, message: str) -> None:
     """Print `warning: message` on stderr the first time `key` is seen in this process (rank 0
     only under torchrun), so a fallback taken in every layer or every epoch is said once."""
