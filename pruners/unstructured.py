@@ -239,11 +239,11 @@ def nm_schedule(n: int, m: int, steps: int) -> List[int]:
     """Weights kept per group at each step, from m down to n along the exponential schedule."""
     kept = [max(n, min(m, round(m * d))) for d in density_schedule(n / m, steps)]
     kept[-1] = n
-    out = []
-    for k in kept:  # non-increasing, no repeated steps
-        if not out or k < out[-1]:
+    out = [m]
+    for k in kept:  # strictly decreasing: a step that removes nothing is dropped
+        if k < out[-1]:
             out.append(k)
-    return out
+    return out[1:]
 
 
 # ----------------------------------------------------------------------------- masks on the model
