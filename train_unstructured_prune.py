@@ -83,22 +83,23 @@ def check_request(args):
     return pattern, density
 
 
-def sparsify(ctx, model, layers, pattern, density):
+def sparsify(ctx, model, targets, pattern, density, schedule=None):
     """The exponential schedule: at every step re-score the masked network on fresh batches (scores
-    from zero), tighten the masks, re-estimate BatchNorm statistics, record test accuracy."""
+    from zero), tighten the masks, re-estimate BatchNorm statistics, record test accuracy.
+    `schedule` overrides the densities (unstructured) or kept-per-group counts (N:M) of the steps."""
     args = ctx.args
     method = get_method(args.importance_type)
     options = cli.method_options(args, method)
     batches = workflow.importance_batches(ctx)
-    masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
-    if pattern is None:
-        targets = us.density_schedule(density, args.iterative_steps)
-    else:
-        targets = us.nm_schedule(pattern[0], pattern[1], args.iterative_steps)
+    masks = us.all_kept(targets)
+    if schedule is None and pattern is None:
+        schedule = us.density_schedule(density, args.iterative_steps)
+    elif schedule is None:
+        schedule = us.nm_schedule(pattern[0], pattern[1], args.iterative_steps)
     steps, t_score, t_mask = [], 0.0, 0.0
-    for i, target in enumerate(targets):
+    for i, target in enumerate(schedule):
         t0 = time.perf_counter()
-        scores = us.weight_scores(args.importance_type, model, layers, masks,
+        scores = us.weight_scores(args.importance_type, model, targets, masks,
                                   batches(args.iters_per_step), normalizer=args.normalizer,
                                   options=options)
         t1 = time.perf_counter()
@@ -106,9 +107,9 @@ def sparsify(ctx, model, layers, pattern, density):
             masks = us.global_masks(scores, masks, target, args.max_layer_sparsity)
         else:
             masks = us.nm_masks(scores, masks, target, pattern[1])
-        us.zero_pruned(layers, masks)
+        us.zero_pruned(targets, masks)
         t_score, t_mask = t_score + t1 - t0, t_mask + time.perf_counter() - t1
-        step = {"step": i + 1, "density": us.density_report(layers, masks)["density"],
+        step = {"step": i + 1, "density": us.density_report(masks)["density"],
                 "test_acc_stale_bn": evaluate(model, ctx.loaders.test, ctx.device)[1]}
         if pattern is None:
             step["target_density"] = target
@@ -117,30 +118,29 @@ def sparsify(ctx, model, layers, pattern, density):
         if args.bn_recalibration_batches > 0:
             recalibrate_batchnorm(model, batches(args.bn_recalibration_batches), ctx.device)
         step["test_acc"] = evaluate(model, ctx.loaders.test, ctx.device)[1]
-        if args.ft_between_steps > 0 and i + 1 < len(targets):
-            us.apply_masks(layers, masks)
+        if args.ft_between_steps > 0 and i + 1 < len(schedule):
+            us.apply_masks(targets, masks)
             cfg = TrainConfig(epochs=args.ft_between_steps, lr=args.sl_lr,
                               milestones=cli.default_milestones(args.ft_between_steps, None),
                               gamma=args.lr_gamma, momentum=args.momentum,
                               weight_decay=args.sl_weight_decay)
             train(model, ctx.loaders, cfg, ctx.device, ctx.out_dir / f"step{i + 1}.train.pth",
                   progress=args.progress, desc=f"fine-tune step {i + 1}")
-            us.remove_masks(layers)
+            us.remove_masks(targets)
             step["test_acc_finetuned"] = evaluate(model, ctx.loaders.test, ctx.device)[1]
-        print(f"step {i + 1}/{len(targets)}: density {step['density']:.4f}, "
+        print(f"step {i + 1}/{len(schedule)}: density {step['density']:.4f}, "
               f"test acc {step['test_acc']:.2f}%", flush=True)
         steps.append(step)
     return masks, {"steps": steps, "seconds_importance": t_score, "seconds_masking": t_mask}
 
 
-def export(ctx, model, layers, masks, pattern, meta):
+def export(ctx, model, masks, pattern, meta):
     """Folded state dict (.pth, loads into the dense architecture) and bitmask + values (.npz)."""
     out = ctx.out_dir
     state = model.state_dict()
-    keyed = {f"{n}.weight" if n else "weight": masks[n] for n in layers}
     save_atomic({"format": FORMAT, "kind": "sparse_model", **meta, "state_dict": state,
-                 "masks": keyed}, out / "sparse_model.pth")
-    sparse_bytes = us.export_sparse(state, keyed, out / "sparse_model.npz",
+                 "masks": masks}, out / "sparse_model.pth")
+    sparse_bytes = us.export_sparse(state, masks, out / "sparse_model.npz",
                                     meta={"pattern": meta["pattern"], "arch": meta["arch"]})
     dense_bytes = sum(v.numel() * v.element_size() for v in state.values())
     back, back_masks, _ = us.import_sparse(out / "sparse_model.npz")
@@ -152,7 +152,7 @@ def export(ctx, model, layers, masks, pattern, meta):
         n, m = pattern
         info["pattern_verified_on_reload"] = all(
             us.check_nm(back_masks[k], n, m) and bool((back[k][~back_masks[k]] == 0).all())
-            for k in keyed if us.nm_compatible(back_masks[k].shape, m))
+            for k in masks if us.nm_compatible(back_masks[k].shape, m))
     return info
 
 
@@ -167,8 +167,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     model = workflow.load_or_train_dense(ctx)
     test_acc_dense = evaluate(model, ctx.loaders.test, ctx.device)[1]
-    layers = us.prunable_layers(model, get_classifier(model), args.prune_classifier)
-    dense_layers = ([n for n, m in layers.items() if not us.nm_compatible(m.weight.shape, pattern[1])]
+    targets = us.prunable_weights(model, get_classifier(model), args.prune_classifier)
+    dense_layers = ([n for n, t in targets.items() if not us.nm_compatible(t.tensor.shape, pattern[1])]
                     if pattern is not None else [])
     if dense_layers:
         print(f"left dense (input dimension not a multiple of {pattern[1]}): {', '.join(dense_layers)}")
@@ -179,21 +179,21 @@ def main(argv=None):
     if args.resume and init_path.exists() and (ctx.out_dir / "finetune.train.pth").exists():
         saved = load_checkpoint(init_path)  # pruning finished; fine-tuning was interrupted
         model.load_state_dict(saved["state_dict"])
-        masks = {n: saved["masks"][n].to(ctx.device) for n in layers}
+        masks = {n: saved["masks"][n].to(ctx.device) for n in targets}
         prune_info = saved["prune_info"]
     else:
         seed_everything(args.seed)
-        masks, prune_info = sparsify(ctx, model, layers, pattern, density)
+        masks, prune_info = sparsify(ctx, model, targets, pattern, density)
         save_atomic({"format": FORMAT, "kind": "sparse_init", **meta, "state_dict": model.state_dict(),
                      "masks": masks, "prune_info": prune_info}, init_path)
 
-    us.apply_masks(layers, masks)
+    us.apply_masks(targets, masks)
     ft = workflow.finetune(ctx, model, ctx.out_dir, desc="fine-tune")
-    us.remove_masks(layers)
-    masked_zero = all(bool((m.weight.detach()[~masks[n]] == 0).all()) for n, m in layers.items())
+    us.remove_masks(targets)
+    masked_zero = all(bool((t.tensor.detach()[~masks[n]] == 0).all()) for n, t in targets.items())
     test_acc = evaluate(model, ctx.loaders.test, ctx.device)[1]
-    report = us.density_report(layers, masks)
-    files = export(ctx, model, layers, masks, pattern, meta)
+    report = us.density_report(masks)
+    files = export(ctx, model, masks, pattern, meta)
     steps = prune_info["steps"]
     record = {
         "dataset": args.dataset, "model": args.model, "importance_type": args.importance_type,

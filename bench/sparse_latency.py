@@ -98,10 +98,9 @@ def main(argv=None):
     model = convert_attention(get_model(args.model, 1000)).to(device, dtype).eval()
     head = get_classifier(model)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
-    layers = {n: model.get_submodule(n) for n in names}
-    scores = {n: m.weight.detach().abs().float() for n, m in layers.items()}
-    masks = us.nm_masks(scores, {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}, 2, 4)
-    us.zero_pruned(layers, masks)
+    targets = {n: us.Target(model.get_submodule(n)) for n in names}
+    scores = {n: t.tensor.detach().abs().float() for n, t in targets.items()}
+    us.zero_pruned(targets, us.nm_masks(scores, us.all_kept(targets), 2, 4))
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device, dtype=dtype)
     inputs = linear_inputs(model, x, names)
 
@@ -113,7 +112,7 @@ def main(argv=None):
     rows, seen_kinds, total_dense, total_sparse = [], set(), 0.0, 0.0
     for n in names:
         inp = inputs[n]
-        dense_w = layers[n].weight
+        dense_w = targets[n].tensor
         dense = median_ms(lambda: F.linear(inp, dense_w), args.warmup, args.iters)
         if n in converted:
             sw = sparse_modules[n].weight

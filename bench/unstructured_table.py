@@ -4,9 +4,12 @@
     OMP_NUM_THREADS=1 python bench/unstructured_table.py --model resnet20 --num_epochs 10 \
         --methods OBA fastOBA Taylor Weight Random C-OBD C-OBS --densities 0.5 0.2 0.1 0.05 --patterns 2:4
 
-The dense network is trained once (or loaded from --save_path_prefix); every criterion and target
-restarts from it and runs the schedule of train_unstructured_prune.py (--iterative_steps,
---iters_per_step, BatchNorm re-estimation) without fine-tuning. The table is printed and written to
+The dense network is trained once (or loaded from --save_path_prefix). Per criterion, one
+unstructured run goes down through every density of --densities (--steps_between exponential steps
+from one to the next, as in train_unstructured_prune.py: fresh scores on --iters_per_step batches
+of the masked network, BatchNorm re-estimation) and the test accuracy without fine-tuning is read
+at each of them; every --patterns entry is its own run from the dense network (M:M -> N:M over
+--iterative_steps). The table is printed and written to
 <output_dir>/table.md and table.json.
 """
 import copy
@@ -33,14 +36,16 @@ def parse(argv=None):
     p.add_argument("--methods", nargs="+",
                    default=["OBA", "fastOBA", "Taylor", "Weight", "Random", "C-OBD", "C-OBS"])
     p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
+    p.add_argument("--steps_between", type=int, default=2,
+                   help="exponential steps from one density to the next")
     p.add_argument("--patterns", nargs="*", default=["2:4"])
     p.add_argument("--prune_classifier", action="store_true")
     p.add_argument("--max_layer_sparsity", type=float, default=0.99)
     p.set_defaults(output_dir="outputs/unstructured_table", num_epochs=10, lr=0.05, batch_size=64,
-                   iterative_steps=8, iters_per_step=4, bn_recalibration_batches=8, progress=False,
+                   iterative_steps=2, iters_per_step=4, bn_recalibration_batches=8, progress=False,
                    tensorboard=False, ft_between_steps=0)
     args = p.parse_args(argv)
-    cli.check_ratios(args.densities, flag="--densities")
+    cli.check_ratios(args.densities, decreasing=True, flag="--densities")
     for pat in args.patterns:
         us.parse_pattern(pat)
     return args
@@ -52,23 +57,35 @@ def main(argv=None):
     dense = workflow.load_or_train_dense(ctx)
     dense_acc = evaluate(dense, ctx.loaders.test, ctx.device)[1]
     columns = [f"{d:g}" for d in args.densities] + list(args.patterns)
+    schedule, previous = [], 1.0
+    for d in args.densities:
+        schedule += [previous * (d / previous) ** (s / args.steps_between)
+                     for s in range(1, args.steps_between)] + [d]
+        previous = d
     rows = {}
     for method in args.methods:
         args.importance_type = method
         rows[method] = {}
-        for col in columns:
-            pattern = us.parse_pattern(col) if ":" in col else None
-            density = pattern[0] / pattern[1] if pattern else float(col)
+        runs = [(None, schedule)] + [(us.parse_pattern(p), None) for p in args.patterns]
+        for pattern, steps in runs:
             model = copy.deepcopy(dense)
-            layers = us.prunable_layers(model, get_classifier(model), args.prune_classifier)
+            targets = us.prunable_weights(model, get_classifier(model), args.prune_classifier)
             seed_everything(args.seed)
             t0 = time.perf_counter()
-            _, info = script.sparsify(ctx, model, layers, pattern, density)
-            rows[method][col] = {"test_acc": info["steps"][-1]["test_acc"],
-                                 "density": info["steps"][-1]["density"],
-                                 "seconds": time.perf_counter() - t0}
-            print(f"{method} {col}: {rows[method][col]['test_acc']:.2f}% "
-                  f"(density {rows[method][col]['density']:.4f})", flush=True)
+            density = args.densities[-1] if pattern is None else pattern[0] / pattern[1]
+            _, info = script.sparsify(ctx, model, targets, pattern, density, schedule=steps)
+            seconds = time.perf_counter() - t0
+            if pattern is None:
+                for col, d in zip(columns, args.densities):
+                    step = next(s for s in info["steps"] if abs(s["target_density"] - d) < 1e-12)
+                    rows[method][col] = {"test_acc": step["test_acc"], "density": step["density"]}
+            else:
+                col = f"{pattern[0]}:{pattern[1]}"
+                rows[method][col] = {"test_acc": info["steps"][-1]["test_acc"],
+                                     "density": info["steps"][-1]["density"]}
+            print(f"{method} {'unstructured' if pattern is None else col}: "
+                  + ", ".join(f"{c} {v['test_acc']:.2f}%" for c, v in rows[method].items())
+                  + f" ({seconds:.0f}s)", flush=True)
     lines = [f"dense {args.model} on {args.dataset}: test acc {dense_acc:.2f}%; test acc (%) without "
              "fine-tuning at each density (fraction of conv/linear weights kept, classifier dense)", "",
              "| criterion | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]

@@ -2,8 +2,8 @@
 
 The pieces `train_unstructured_prune.py` is made of:
 
-  prunable_layers    conv / linear layers whose weights may be zeroed (the classifier only if asked;
-                     biases and normalisation parameters never)
+  prunable_weights   conv / linear weights (and packed attention projections) that may be zeroed
+                     (the classifier only if asked; biases and normalisation parameters never)
   weight_scores      per-weight score = |mean over batches of the criterion's s_i|, normalised per
                      layer over the weights still kept, zero for weights already removed
   global_masks       one global threshold keeping exactly round(density * total) weights, with a
@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -62,39 +63,47 @@ def pattern_tag(pattern: Optional[Tuple[int, int]]) -> str:
     return "unstructured" if pattern is None else f"{pattern[0]}of{pattern[1]}"
 
 
-def prunable_layers(model: nn.Module, classifier: Optional[nn.Module] = None,
-                    prune_classifier: bool = False) -> Dict[str, nn.Module]:
-    """{name: conv / linear layer} whose `weight` may be sparsified, in module order.
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One prunable weight tensor: `module.<attr>`. `owner` is the nn.MultiheadAttention whose
+    forward reads it without calling `module` (its out_proj), so the mask must be refreshed there."""
 
-    Linear layers inside nn.MultiheadAttention are skipped: their forward is never called (the
-    packed functional attention reads `out_proj.weight` directly), so a pruning pre-hook on them
-    would never run. Convert attention with models.attention.convert_attention to prune it.
-    """
-    attention_children = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
-                          for c in m.modules()}
-    layers = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES) or id(module) in attention_children:
-            continue
-        if module is classifier and not prune_classifier:
-            continue
-        layers[name] = module
-    return layers
+    module: nn.Module
+    attr: str = "weight"
+    owner: Optional[nn.Module] = None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.module, self.attr)
 
 
-def masks_from_weights(layers: Dict[str, nn.Module]) -> Masks:
-    """Masks of an (already sparse) network: existing prune masks, else all ones."""
+Targets = Dict[str, Target]
+
+
+def prunable_weights(model: nn.Module, classifier: Optional[nn.Module] = None,
+                     prune_classifier: bool = False) -> Targets:
+    """{parameter name: Target} of every conv / linear weight (and the packed in_proj_weight of
+    nn.MultiheadAttention), in module order; the classifier only with `prune_classifier`."""
+    owners = {id(c): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+              for c in m.children()}
     out = {}
-    for name, module in layers.items():
-        mask = getattr(module, "weight_mask", None)
-        out[name] = (mask.detach().clone() if mask is not None
-                     else torch.ones_like(module.weight, dtype=torch.bool)).bool()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            out[prefix + "in_proj_weight"] = Target(module, "in_proj_weight")
+        if not isinstance(module, PRUNABLE_TYPES) or (module is classifier and not prune_classifier):
+            continue
+        out[prefix + "weight"] = Target(module, "weight", owners.get(id(module)))
     return out
 
 
 # ----------------------------------------------------------------------------- scores
 
-def weight_scores(method: str, model: nn.Module, layers: Dict[str, nn.Module], masks: Masks,
+def all_kept(targets: Targets) -> Masks:
+    return {n: torch.ones_like(t.tensor, dtype=torch.bool) for n, t in targets.items()}
+
+
+def weight_scores(method: str, model: nn.Module, targets: Targets, masks: Masks,
                   batches: Iterable, loss_fn=None, normalizer: str = "max",
                   options: Optional[dict] = None) -> Dict[str, torch.Tensor]:
     """Per-weight scores of every prunable layer, estimated afresh on `batches`.
@@ -107,10 +116,10 @@ def weight_scores(method: str, model: nn.Module, layers: Dict[str, nn.Module], m
         normalize(torch.ones(1), normalizer)  # raises the one-line error
     raw = parameter_scores(method, model, batches, criterion=loss_fn, **(options or {}))
     out = {}
-    for name, module in layers.items():
-        s = raw.get(f"{name}.weight" if name else "weight")
+    for name in targets:
+        s = raw.get(name)
         if s is None:
-            raise SparsityError(f"criterion {method} gives no score for layer {name}; "
+            raise SparsityError(f"criterion {method} gives no score for {name}; "
                                 "choose another --importance_type")
         s = torch.nan_to_num(s.detach().abs().float(), nan=0.0, posinf=0.0)
         keep = masks[name].to(s.device)
@@ -249,33 +258,43 @@ def nm_schedule(n: int, m: int, steps: int) -> List[int]:
 # ----------------------------------------------------------------------------- masks on the model
 
 @torch.no_grad()
-def zero_pruned(layers: Dict[str, nn.Module], masks: Masks) -> None:
-    """Write the masks into plain weights (removed weights become exactly zero)."""
-    for name, module in layers.items():
-        w = module.weight_orig if hasattr(module, "weight_orig") else module.weight
+def zero_pruned(targets: Targets, masks: Masks) -> None:
+    """Write the masks into the weights (removed weights become exactly zero)."""
+    for name, t in targets.items():
+        w = getattr(t.module, t.attr + "_orig", None)
+        w = t.tensor if w is None else w
         w.mul_(masks[name].to(device=w.device, dtype=w.dtype))
 
 
-def apply_masks(layers: Dict[str, nn.Module], masks: Masks) -> None:
+def apply_masks(targets: Targets, masks: Masks) -> None:
     """Attach torch.nn.utils.prune parametrisation: weight = weight_orig * weight_mask on every
     forward, so optimiser steps cannot revive a removed weight."""
-    for name, module in layers.items():
-        if hasattr(module, "weight_mask"):
-            prune.remove(module, "weight")
-        prune.custom_from_mask(module, "weight", masks[name].to(module.weight.device))
+    remove_masks(targets)
+    for name, t in targets.items():
+        prune.custom_from_mask(t.module, t.attr, masks[name].to(t.tensor.device))
+        if t.owner is not None:
+            # nn.MultiheadAttention reads out_proj.weight without calling out_proj: recompute the
+            # masked weight before the owner's forward instead.
+            hook = next(h for h in t.module._forward_pre_hooks.values()
+                        if isinstance(h, prune.BasePruningMethod) and h._tensor_name == t.attr)
+            t.module._sparsity_owner_hook = t.owner.register_forward_pre_hook(
+                lambda owner, args, hook=hook, module=t.module: hook(module, args))
 
 
-def remove_masks(layers: Dict[str, nn.Module]) -> None:
-    """Fold the parametrisation: `weight` becomes a plain parameter holding the masked values."""
-    for module in layers.values():
-        if hasattr(module, "weight_mask"):
-            prune.remove(module, "weight")
+def remove_masks(targets: Targets) -> None:
+    """Fold the parametrisation: the weight becomes a plain parameter holding the masked values."""
+    for t in targets.values():
+        if hasattr(t.module, t.attr + "_mask"):
+            prune.remove(t.module, t.attr)
+        handle = t.module.__dict__.pop("_sparsity_owner_hook", None)
+        if handle is not None:
+            handle.remove()
 
 
-def density_report(layers: Dict[str, nn.Module], masks: Masks) -> dict:
+def density_report(masks: Masks) -> dict:
     per_layer = {}
     kept = total = 0
-    for name in layers:
+    for name in masks:
         k, t = int(masks[name].sum()), masks[name].numel()
         per_layer[name] = {"kept": k, "total": t, "density": k / t}
         kept += k

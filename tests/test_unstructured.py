@@ -1,5 +1,6 @@
 """Unstructured and N:M sparsity: exact global counts, N:M groups, masks through fine-tuning, score
 reset between steps, folded / exported models, and the script end to end on digits."""
+import copy
 import json
 import math
 import sys
@@ -27,13 +28,12 @@ FAST = ["--model", "resnet8", "--num_epochs", "1", "--sl_num_epochs", "1", "--it
         "--no-tensorboard"]
 
 
-def random_scores(layers, seed=0):
+def random_scores(targets, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(m.weight.shape, generator=gen) for n, m in layers.items()}
+    return {n: torch.rand(t.tensor.shape, generator=gen) for n, t in targets.items()}
 
 
-def all_kept(layers):
-    return {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
+all_kept = us.all_kept
 
 
 # ----------------------------------------------------------------------------- selection
@@ -42,9 +42,9 @@ def all_kept(layers):
 @pytest.mark.parametrize("density", [0.5, 0.2, 0.1, 0.05, 0.0123])
 def test_global_density_within_one_weight(arch, density):
     model = get_model(arch, 10)
-    layers = us.prunable_layers(model, get_classifier(model))
+    layers = us.prunable_weights(model, get_classifier(model))
     masks = us.global_masks(random_scores(layers), all_kept(layers), density)
-    report = us.density_report(layers, masks)
+    report = us.density_report(masks)
     assert abs(report["kept"] - density * report["total"]) <= 1
     for n, m in masks.items():  # the per-layer floor (max_layer_sparsity 0.99)
         assert int(m.sum()) >= math.ceil(0.01 * m.numel())
@@ -141,8 +141,9 @@ def test_masked_weights_stay_zero_through_training_and_classifier_untouched():
     model = get_model("resnet8", 10)
     fc = get_classifier(model)
     fc_before = fc.weight.detach().clone()
-    layers = us.prunable_layers(model, fc)
-    assert "fc" not in layers and all(isinstance(m, (nn.Conv2d, nn.Linear)) for m in layers.values())
+    layers = us.prunable_weights(model, fc)
+    assert "fc.weight" not in layers and all(isinstance(t.module, (nn.Conv2d, nn.Linear)) and t.attr == "weight"
+                                             for t in layers.values())
     masks = us.global_masks(random_scores(layers), all_kept(layers), 0.2)
     us.zero_pruned(layers, masks)
     assert torch.equal(fc.weight, fc_before)
@@ -152,12 +153,12 @@ def test_masked_weights_stay_zero_through_training_and_classifier_untouched():
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        for n, m in layers.items():
-            assert (m.weight[~masks[n]] == 0).all()
+        for n, t in layers.items():
+            assert (t.tensor[~masks[n]] == 0).all()
     us.remove_masks(layers)
-    for n, m in layers.items():
-        assert isinstance(m.weight, nn.Parameter) and not hasattr(m, "weight_mask")
-        assert (m.weight[~masks[n]] == 0).all() and (m.weight[masks[n]] != 0).any()
+    for n, t in layers.items():
+        assert isinstance(t.tensor, nn.Parameter) and not hasattr(t.module, "weight_mask")
+        assert (t.tensor[~masks[n]] == 0).all() and (t.tensor[masks[n]] != 0).any()
     # the folded state dict loads into a fresh dense network and computes the same function
     fresh = get_model("resnet8", 10)
     fresh.load_state_dict(model.state_dict())
@@ -166,14 +167,48 @@ def test_masked_weights_stay_zero_through_training_and_classifier_untouched():
     assert torch.equal(model(x), fresh(x))
 
 
+def test_vit_attention_projections_masked_through_training():
+    # nn.MultiheadAttention reads out_proj.weight without calling out_proj: the mask must still hold.
+    from test_vit_pruning import tiny_vit
+    model = tiny_vit()
+    targets = us.prunable_weights(model, get_classifier(model))
+    names = set(targets)
+    assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in names
+    assert "encoder.layers.encoder_layer_0.self_attention.out_proj.weight" in names
+    assert "encoder.layers.encoder_layer_0.mlp.0.weight" in names and "heads.head.weight" not in names
+    masks = us.nm_masks(random_scores(targets), us.all_kept(targets), 2, 4)
+    us.zero_pruned(targets, masks)
+    reference = copy.deepcopy(model)
+    us.apply_masks(targets, masks)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval(), reference.eval()
+    assert torch.allclose(model(x), reference(x), atol=1e-6)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.arange(4)).backward()
+        opt.step()
+    model.eval()
+    out = model(x)
+    us.remove_masks(targets)
+    for n, t in targets.items():
+        assert (t.tensor[~masks[n]] == 0).all(), n
+        assert us.check_nm(masks[n], 2, 4) if n != "conv_proj.weight" else masks[n].all()  # RGB input
+    assert torch.allclose(model(x), out, atol=1e-6)  # what was trained is what was folded
+    fresh = tiny_vit(seed=1).eval()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), model(x))
+
+
 def test_sparse_export_round_trip(tmp_path):
     torch.manual_seed(0)
     model = get_model("resnet8", 10)
-    layers = us.prunable_layers(model, get_classifier(model))
+    layers = us.prunable_weights(model, get_classifier(model))
     masks = us.nm_masks(random_scores(layers), all_kept(layers), 2, 4)
     us.zero_pruned(layers, masks)
     state = model.state_dict()
-    keyed = {f"{n}.weight": masks[n] for n in layers}
+    keyed = masks
     size = us.export_sparse(state, keyed, tmp_path / "m.npz", meta={"pattern": "2:4"})
     assert size == (tmp_path / "m.npz").stat().st_size
     back, back_masks, meta = us.import_sparse(tmp_path / "m.npz")
@@ -209,7 +244,7 @@ def test_scores_start_from_zero_every_step(tmp_path):
     model = nn.Sequential(nn.Linear(4, 1))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
-    layers = {"0": model[0]}
+    layers = {"0.weight": us.Target(model[0])}
     args = SimpleNamespace(importance_type="_StepwiseTest", iterative_steps=2, iters_per_step=1,
                            normalizer="max", max_layer_sparsity=0.99, bn_recalibration_batches=0,
                            ft_between_steps=0, seed=0)
@@ -217,7 +252,7 @@ def test_scores_start_from_zero_every_step(tmp_path):
     loaders = SimpleNamespace(train=DataLoader(data, batch_size=4), test=DataLoader(data, batch_size=4))
     ctx = SimpleNamespace(args=args, loaders=loaders, device=torch.device("cpu"), out_dir=tmp_path)
     masks, info = script.sparsify(ctx, model, layers, None, 0.25)
-    assert masks["0"].tolist() == [[True, False, False, False]]
+    assert masks["0.weight"].tolist() == [[True, False, False, False]]
     # step 2 was scored on the masked network (step 1 removed weights 2 and 3)
     assert _CALLS[1].tolist() == [[1.0, 2.0, 0.0, 0.0]]
     assert model[0].weight.tolist() == [[1.0, 0.0, 0.0, 0.0]]
@@ -227,7 +262,7 @@ def test_scores_start_from_zero_every_step(tmp_path):
 def test_weight_scores_are_zero_where_removed():
     torch.manual_seed(0)
     model = get_model("resnet8", 10)
-    layers = us.prunable_layers(model, get_classifier(model))
+    layers = us.prunable_weights(model, get_classifier(model))
     masks = us.global_masks(random_scores(layers), all_kept(layers), 0.3)
     us.zero_pruned(layers, masks)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -250,7 +285,7 @@ def test_end_to_end_unstructured(ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((out / "results.json").read_text())
     assert abs(rec["kept_weights"] - 0.1 * rec["prunable_weights"]) <= 1
-    assert "fc" not in rec["layer_density"] and rec["masked_weights_zero"]
+    assert "fc.weight" not in rec["layer_density"] and rec["masked_weights_zero"]
     assert len(rec["steps"]) == 2 and all("test_acc" in s for s in rec["steps"])
     for key in ("test_acc_dense", "test_acc_pruned", "test_acc_finetuned", "seconds", "export"):
         assert key in rec
@@ -258,7 +293,8 @@ def test_end_to_end_unstructured(ckpt, tmp_path):
     saved = torch.load(out / "sparse_model.pth", map_location="cpu", weights_only=False)
     model = get_model("resnet8", 10)
     model.load_state_dict(saved["state_dict"])
-    kept = sum(int((model.get_submodule(n).weight != 0).sum()) for n in rec["layer_density"])
+    state = model.state_dict()
+    kept = sum(int((state[n] != 0).sum()) for n in rec["layer_density"])
     assert kept <= rec["kept_weights"]
     back, _, _ = us.import_sparse(out / "sparse_model.npz")
     other = get_model("resnet8", 10)
@@ -278,10 +314,10 @@ def test_end_to_end_two_of_four(ckpt, tmp_path):
                "--output_dir", str(out), "--save_path_prefix", str(ckpt))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((out / "results.json").read_text())
-    assert rec["left_dense"] == ["conv1"] and "conv1" in proc.stdout
+    assert rec["left_dense"] == ["conv1.weight"] and "conv1.weight" in proc.stdout
     assert rec["export"]["pattern_verified_on_reload"]
     for n, d in rec["layer_density"].items():
-        assert d == (1.0 if n == "conv1" else 0.5)
+        assert d == (1.0 if n == "conv1.weight" else 0.5)
 
 
 @pytest.mark.parametrize("bad, words", [
