@@ -302,6 +302,15 @@ def test_end_to_end_unstructured(ckpt, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     model.eval(), other.eval()
     assert torch.equal(model(x), other(x))
+    # an interrupted fine-tune continues from pruned_init.pth + finetune.train.pth: no re-pruning
+    first = (out / "results.json").read_text()
+    (out / "results.json").unlink()
+    again = run(SCRIPT, *FAST, "--importance_type", "OBA", "--pruning_ratio", "0.1", "--resume",
+                "--output_dir", str(out), "--save_path_prefix", str(ckpt))
+    assert again.returncode == 0 and "step 1/" not in again.stdout, again.stderr[-2000:]
+    redo = json.loads((out / "results.json").read_text())
+    for key in ("layer_kept", "test_acc_pruned", "test_acc_finetuned", "steps"):
+        assert redo[key] == json.loads(first)[key], key
     # a finished run is skipped under --resume
     again = run(SCRIPT, *FAST, "--importance_type", "OBA", "--pruning_ratio", "0.1", "--resume",
                 "--output_dir", str(out), "--save_path_prefix", str(ckpt))
