@@ -19,6 +19,7 @@ Masks are monotone: a weight removed at one step is never brought back (its scor
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -150,7 +151,7 @@ def _stable_top(values: torch.Tensor, k: int) -> torch.Tensor:
         return keep
     if k >= n:
         return ~keep
-    kth = torch.kthvalue(values.cpu() if values.device.type == "mps" else values, n - k + 1).values
+    kth = torch.kthvalue(values, n - k + 1).values
     keep = values > kth
     tied = values == kth
     need = k - int(keep.sum())
@@ -317,7 +318,8 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def export_sparse(state_dict: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor], path,
                   meta: Optional[dict] = None) -> int:
     """Write `state_dict` with the masked tensors as packed bitmask + kept values (.npz, stored
-    uncompressed: the saving is the format's own). masks: {state-dict key: bool mask of that tensor}. Returns the file size in bytes."""
+    uncompressed: the saving is the format's own). masks: {state-dict key: bool mask of that
+    tensor}. Returns the file size in bytes."""
     arrays = {}
     for key, tensor in state_dict.items():
         if key in masks:
@@ -329,7 +331,6 @@ def export_sparse(state_dict: Dict[str, torch.Tensor], masks: Dict[str, torch.Te
         else:
             arrays[key] = _numpy(tensor)
     if meta:
-        import json
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -340,7 +341,6 @@ def export_sparse(state_dict: Dict[str, torch.Tensor], masks: Dict[str, torch.Te
 
 def import_sparse(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], dict]:
     """(dense state_dict, {key: bool mask}, meta) from a file written by export_sparse."""
-    import json
     state, masks, meta = {}, {}, {}
     with np.load(path) as data:
         keys = list(data.keys())
