@@ -76,9 +76,13 @@ def linear_inputs(model: nn.Module, x: torch.Tensor, names) -> dict:
     """{layer name: the 2-D input the layer sees in one forward}."""
     seen, hooks = {}, []
     modules = dict(model.named_modules())
+    def recorder(name):
+        def hook(module, inputs, output):  # returns None: the output is left as it is
+            seen.setdefault(name, inputs[0].detach().reshape(-1, inputs[0].shape[-1]))
+        return hook
+
     for n in names:
-        hooks.append(modules[n].register_forward_hook(
-            lambda m, inp, out, n=n: seen.setdefault(n, inp[0].detach().reshape(-1, inp[0].shape[-1]))))
+        hooks.append(modules[n].register_forward_hook(recorder(n)))
     with torch.no_grad():
         model(x)
     for h in hooks:
