@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from models import get_classifier  # noqa: E402
+from models import get_classifier, get_model  # noqa: E402
 from pruners import unstructured as us  # noqa: E402
 from pruners import workflow  # noqa: E402
 from pruners.group_scores import NORMALIZERS  # noqa: E402
@@ -164,6 +164,12 @@ def main(argv=None):
         print(f"{results_path} exists: this run is finished (delete it to run again)")
         return 0
     ctx = workflow.setup(args)
+    if pattern is None:  # an unreachable target stops before the dense network is trained
+        probe = get_model(args.model, ctx.loaders.num_classes)
+        sizes = [t.tensor.numel() for t in
+                 us.prunable_weights(probe, get_classifier(probe), args.prune_classifier).values()]
+        us.check_reachable(sizes, density, args.max_layer_sparsity)
+        del probe
     t_start = time.perf_counter()
     model = workflow.load_or_train_dense(ctx)
     test_acc_dense = evaluate(model, ctx.loaders.test, ctx.device)[1]

@@ -142,6 +142,15 @@ def keep_count(density: float, total: int) -> int:
     return int(round(density * total))
 
 
+def check_reachable(sizes: List[int], density: float, max_layer_sparsity: float) -> None:
+    """A density below the per-layer floors cannot be met: say so before any work."""
+    floor = sum(layer_floor(n, max_layer_sparsity) for n in sizes)
+    if floor > keep_count(density, sum(sizes)):
+        raise SparsityError(f"density {density:g} is below what --max_layer_sparsity "
+                            f"{max_layer_sparsity:g} allows ({floor / sum(sizes):.4g}); keep more "
+                            "weights or raise --max_layer_sparsity")
+
+
 def _stable_top(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly k entries of a 1-D tensor: every value above the k-th largest, then
     the earliest (by index) of those equal to it. Deterministic, O(n) memory."""
@@ -170,12 +179,8 @@ def global_masks(scores: Dict[str, torch.Tensor], masks: Masks, density: float,
     names = list(scores)
     total = sum(masks[n].numel() for n in names)
     k = keep_count(density, total)
+    check_reachable([masks[n].numel() for n in names], density, max_layer_sparsity)
     floors = {n: layer_floor(masks[n].numel(), max_layer_sparsity) for n in names}
-    if sum(floors.values()) > k:
-        reachable = sum(floors.values()) / total
-        raise SparsityError(f"density {density:g} is below what --max_layer_sparsity "
-                            f"{max_layer_sparsity:g} allows ({reachable:.4g}); keep more weights "
-                            "or raise --max_layer_sparsity")
     pieces = []
     for n in names:
         s = scores[n].flatten().float()
