@@ -83,8 +83,8 @@ def main(argv=None):
                 col = f"{pattern[0]}:{pattern[1]}"
                 rows[method][col] = {"test_acc": info["steps"][-1]["test_acc"],
                                      "density": info["steps"][-1]["density"]}
-            print(f"{method} {'unstructured' if pattern is None else col}: "
-                  + ", ".join(f"{c} {v['test_acc']:.2f}%" for c, v in rows[method].items())
+            shown = columns[:len(args.densities)] if pattern is None else [col]
+            print(f"{method}: " + ", ".join(f"{c} {rows[method][c]['test_acc']:.2f}%" for c in shown)
                   + f" ({seconds:.0f}s)", flush=True)
     lines = [f"dense {args.model} on {args.dataset}: test acc {dense_acc:.2f}%; test acc (%) without "
              "fine-tuning at each density (fraction of conv/linear weights kept, classifier dense)", "",
