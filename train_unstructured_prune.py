@@ -24,8 +24,7 @@ from pruners.group_scores import NORMALIZERS  # noqa: E402
 from pruners.registry import get_method  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic, write_json  # noqa: E402
-from utils.engine import (TrainConfig, evaluate, recalibrate_batchnorm, seed_everything,  # noqa: E402
-                          train)
+from utils.engine import TrainConfig, seed_everything, train  # noqa: E402
 
 # Criteria whose per-parameter scores are per weight (Eigen re-parameterises, Slim scores BatchNorm).
 CRITERIA = ("OBA", "fastOBA", "Taylor", "Weight", "Random", "C-OBD", "C-OBS", "Kron-OBD", "Kron-OBS")
@@ -89,8 +88,9 @@ def sparsify(ctx, model, targets, pattern, density, schedule=None):
     `schedule` overrides the densities (unstructured) or kept-per-group counts (N:M) of the steps."""
     args = ctx.args
     method = get_method(args.importance_type)
-    options = cli.method_options(args, method)
-    batches = workflow.importance_batches(ctx)
+    options = dict(cli.method_options(args, method), score_mode=args.score_mode)
+    batches = ctx.batches
+    recalibrate = workflow.recalibrator(ctx)
     masks = us.all_kept(targets)
     if schedule is None and pattern is None:
         schedule = us.density_schedule(density, args.iterative_steps)
@@ -110,14 +110,14 @@ def sparsify(ctx, model, targets, pattern, density, schedule=None):
         us.zero_pruned(targets, masks)
         t_score, t_mask = t_score + t1 - t0, t_mask + time.perf_counter() - t1
         step = {"step": i + 1, "density": us.density_report(masks)["density"],
-                "test_acc_stale_bn": evaluate(model, ctx.loaders.test, ctx.device)[1]}
+                "test_acc_stale_bn": workflow.test_metrics(ctx, model)["top1"]}
         if pattern is None:
             step["target_density"] = target
         else:
             step["kept_per_group"] = f"{target}:{pattern[1]}"
-        if args.bn_recalibration_batches > 0:
-            recalibrate_batchnorm(model, batches(args.bn_recalibration_batches), ctx.device)
-        step["test_acc"] = evaluate(model, ctx.loaders.test, ctx.device)[1]
+        if recalibrate is not None:
+            recalibrate(model)
+        step["test_acc"] = workflow.test_metrics(ctx, model)["top1"]
         if args.ft_between_steps > 0 and i + 1 < len(schedule):
             us.apply_masks(targets, masks)
             cfg = TrainConfig(epochs=args.ft_between_steps, lr=args.sl_lr,
@@ -127,7 +127,7 @@ def sparsify(ctx, model, targets, pattern, density, schedule=None):
             train(model, ctx.loaders, cfg, ctx.device, ctx.out_dir / f"step{i + 1}.train.pth",
                   progress=args.progress, desc=f"fine-tune step {i + 1}")
             us.remove_masks(targets)
-            step["test_acc_finetuned"] = evaluate(model, ctx.loaders.test, ctx.device)[1]
+            step["test_acc_finetuned"] = workflow.test_metrics(ctx, model)["top1"]
         print(f"step {i + 1}/{len(schedule)}: density {step['density']:.4f}, "
               f"test acc {step['test_acc']:.2f}%", flush=True)
         steps.append(step)
@@ -172,7 +172,7 @@ def main(argv=None):
         del probe
     t_start = time.perf_counter()
     model = workflow.load_or_train_dense(ctx)
-    test_acc_dense = evaluate(model, ctx.loaders.test, ctx.device)[1]
+    test_acc_dense = workflow.test_metrics(ctx, model)["top1"]
     targets = us.prunable_weights(model, get_classifier(model), args.prune_classifier)
     dense_layers = ([n for n, t in targets.items() if not us.nm_compatible(t.tensor.shape, pattern[1])]
                     if pattern is not None else [])
@@ -197,7 +197,7 @@ def main(argv=None):
     ft = workflow.finetune(ctx, model, ctx.out_dir, desc="fine-tune")
     us.remove_masks(targets)
     masked_zero = all(bool((t.tensor.detach()[~masks[n]] == 0).all()) for n, t in targets.items())
-    test_acc = evaluate(model, ctx.loaders.test, ctx.device)[1]
+    test_acc = workflow.test_metrics(ctx, model)["top1"]
     report = us.density_report(masks)
     files = export(ctx, model, masks, pattern, meta)
     steps = prune_info["steps"]

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from utils.distributed import all_reduce_dict, all_reduce_sum, is_distributed
+from utils.log import RunFailure
 
 ScoreDict = Dict[str, torch.Tensor]
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -27,6 +28,15 @@ class CriterionError(ValueError):
 # batch statistics, dropout active; what the published code does) or 'eval' (running statistics).
 SCORE_MODES = ("train", "eval")
 DEFAULT_SCORE_MODE = "train"
+
+
+def check_finite(method: str, scores: ScoreDict) -> None:
+    """Refuse NaN/inf scores before anything is removed with them."""
+    for name, value in scores.items():
+        if not bool(torch.isfinite(value).all()):
+            raise RunFailure(f"{method} gave NaN/inf importance scores for {name}, so nothing was "
+                             "removed; check the network and data for NaN/inf (a diverged "
+                             "training, a too-high learning rate) or use another criterion")
 
 
 def check_score_mode(score_mode: str) -> None:
@@ -81,7 +91,9 @@ class Method:
         check_score_mode(score_mode)
         with preserved_state(model):
             model.train(score_mode == "train")
-            return self.estimate(model, batches if self.needs_data else [], loss_fn, **options)
+            scores = self.estimate(model, batches if self.needs_data else [], loss_fn, **options)
+        check_finite(self.name, scores)
+        return scores
 
 
 _METHODS: Dict[str, Method] = {}

@@ -122,7 +122,7 @@ def weight_scores(method: str, model: nn.Module, targets: Targets, masks: Masks,
         if s is None:
             raise SparsityError(f"criterion {method} gives no score for {name}; "
                                 "choose another --importance_type")
-        s = torch.nan_to_num(s.detach().abs().float(), nan=0.0, posinf=0.0)
+        s = s.detach().abs().float()
         keep = masks[name].to(s.device)
         norm = torch.zeros_like(s)
         if keep.any():

@@ -159,7 +159,7 @@ def prune_settings(args, target: float) -> PruneSettings:
                          method_options=method_options(args, method))
 
 
-def _recalibrator(ctx: Context) -> Optional[Callable]:
+def recalibrator(ctx: Context) -> Optional[Callable]:
     """model -> None: re-estimate BatchNorm statistics on --bn_recalibration_batches batches
     (shared out over processes and averaged back, so every process ends with the same ones)."""
     n = ctx.args.bn_recalibration_batches
@@ -200,7 +200,7 @@ def prune_model(ctx: Context, model: nn.Module, target: float, reference_macs: i
     report = prune_to_target(model, args.importance_type, ctx.batches, loss_fn,
                              ctx.example_inputs, prune_settings(args, target), [classifier],
                              reference_macs=reference_macs, original_widths=original_widths,
-                             progress=ctx.progress, recalibrate=_recalibrator(ctx))
+                             progress=ctx.progress, recalibrate=recalibrator(ctx))
     return model, {"steps": report.steps, "seconds_estimating": report.seconds_estimating,
                    "seconds_pruning": report.seconds_pruning}
 
@@ -220,7 +220,7 @@ def prune_and_measure(ctx: Context, model: nn.Module, target: float, reference_m
     model, info = prune_model(ctx, model, target, reference_macs, original_widths)
     model.to(ctx.device)
     stale = test_metrics(ctx, model) if measure else None
-    recal = _recalibrator(ctx)
+    recal = recalibrator(ctx)
     if recal is not None:
         recal(model)
     fresh = test_metrics(ctx, model) if measure else None

@@ -75,3 +75,20 @@ def test_taylor_matches_a_hand_computation_in_each_mode():
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(CriterionError, match="score mode"):
         parameter_scores("Taylor", network(), batches(), score_mode="inference")
+
+
+def test_nan_scores_are_refused_before_anything_is_removed():
+    from pruners.driver import PruneSettings, prune_to_target
+    from utils.log import RunFailure
+    net = network().float()
+    with torch.no_grad():
+        net[3].weight[0, 0, 0, 0] = float("nan")
+    shapes = {k: v.shape for k, v in net.state_dict().items()}
+    data = [(x.float(), y) for x, y in batches()]
+    with pytest.raises(RunFailure, match="NaN/inf importance scores"):
+        parameter_scores("Taylor", net, data)
+    with pytest.raises(RunFailure, match="nothing was removed"):
+        prune_to_target(net, "Taylor", lambda n: data[:n], nn.CrossEntropyLoss(),
+                        torch.zeros(1, 3, 5, 5), PruneSettings(0.5, iterative_steps=2),
+                        [net[8]], progress=False)
+    assert {k: v.shape for k, v in net.state_dict().items()} == shapes

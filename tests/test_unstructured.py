@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models import get_classifier, get_model
 from pruners import unstructured as us
 from pruners.registry import Method, register
+from utils.data import BatchStream
 
 from test_scripts import assert_one_line_error, run
 
@@ -247,10 +248,11 @@ def test_scores_start_from_zero_every_step(tmp_path):
     layers = {"0.weight": us.Target(model[0])}
     args = SimpleNamespace(importance_type="_StepwiseTest", iterative_steps=2, iters_per_step=1,
                            normalizer="max", max_layer_sparsity=0.99, bn_recalibration_batches=0,
-                           ft_between_steps=0, seed=0)
+                           ft_between_steps=0, seed=0, score_mode="train")
     data = TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
     loaders = SimpleNamespace(train=DataLoader(data, batch_size=4), test=DataLoader(data, batch_size=4))
-    ctx = SimpleNamespace(args=args, loaders=loaders, device=torch.device("cpu"), out_dir=tmp_path)
+    ctx = SimpleNamespace(args=args, loaders=loaders, device=torch.device("cpu"), out_dir=tmp_path,
+                          batches=BatchStream(data, 4, seed=0), progress=False)
     masks, info = script.sparsify(ctx, model, layers, None, 0.25)
     assert masks["0.weight"].tolist() == [[True, False, False, False]]
     # step 2 was scored on the masked network (step 1 removed weights 2 and 3)
