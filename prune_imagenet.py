@@ -22,6 +22,7 @@ from pruners import workflow  # noqa: E402
 from pruners.driver import channel_widths  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.checkpoint import save_pruned_model, write_json  # noqa: E402
+from utils.distributed import decided, env_world_size  # noqa: E402
 from utils.flops import format_count  # noqa: E402
 
 # The published settings: importance on 350 batches per step, batches of 2 images (the
@@ -35,7 +36,9 @@ def parse(argv):
     p = cli.parser(__doc__.splitlines()[0])
     cli.add_loading(cli.add_data_model(p, default_model="vit_b_16", default_dataset="imagenet",
                                        default_weights="IMAGENET1K_V1"))
-    cli.add_outputs(cli.add_run(p))
+    g = cli.add_run(p)
+    g.add_argument("--save_path_prefix", default="checkpoints",
+                   help="root of the default --save_dir")
     cli.add_pruning(p, iterative_steps=ITERATIVE_STEPS, iters_per_step=IMPORTANCE_BATCHES)
     g = p.add_argument_group("ImageNet pruning")
     g.add_argument("--ops_ratios", type=float, nargs="+", default=[0.51],
@@ -51,9 +54,19 @@ def parse(argv):
                         "--ops_ratios, <model_name>_ops<ratio>")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="top-1 / top-5 on the val folder before and after pruning")
-    p.set_defaults(batch_size=64, tensorboard=False)
+    # All of the training folder serves importance estimation (nothing is trained or selected);
+    # --resume here means: skip the targets already saved.
+    p.set_defaults(batch_size=64, tensorboard=False, val_fraction=0.0)
     args = p.parse_args(argv)
     cli.check_ratios(args.ops_ratios)
+    names = [f"{r:g}" for r in args.ops_ratios]
+    if len(set(names)) != len(names):
+        raise cli.UsageError(f"--ops_ratios lists a target twice ({' '.join(names)}); give each once")
+    processes = env_world_size()
+    if processes > args.iters_per_step:
+        raise cli.UsageError(f"{processes} processes but only --iters_per_step "
+                             f"{args.iters_per_step} batches to share out; use at most "
+                             f"{args.iters_per_step} processes or more batches")
     for flag in ("importance_batch_size", "iters_per_step", "iterative_steps"):
         if getattr(args, flag) < 1:
             raise cli.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -62,7 +75,7 @@ def parse(argv):
                              "torchvision weights name or a local file")
     args.save_dir = args.save_dir or str(Path(args.save_path_prefix) / args.dataset / args.model /
                                          args.importance_type)
-    args.output_dir = args.save_dir
+    args.output_dir, args.pretrained = args.save_dir, None
     return args
 
 
@@ -83,11 +96,7 @@ def finetune_command(args, name: str) -> str:
 
 def main(argv=None):
     args = parse(argv)
-    ctx = workflow.setup(args, importance_batch_size=args.importance_batch_size)
-    if ctx.dist.world_size > args.iters_per_step:
-        raise cli.UsageError(f"{ctx.dist.world_size} processes but only --iters_per_step "
-                             f"{args.iters_per_step} batches to share out; use at most "
-                             f"{args.iters_per_step} processes or more batches")
+    ctx = workflow.setup(args, importance_batch_size=args.importance_batch_size, multi_process=True)
     dense = workflow.load_pretrained(ctx)
     dense_info = workflow.dense_record(ctx, dense, measure=args.eval)
     widths = channel_widths(dense)
@@ -96,8 +105,11 @@ def main(argv=None):
     def one_target(target):
         name = args.model_name if len(args.ops_ratios) == 1 else f"{args.model_name}_ops{target:g}"
         done = save_dir / f"{name}.json"
-        if args.resume and done.exists() and (save_dir / f"{name}.pth").exists():
-            return json.loads(done.read_text())
+        # rank 0 looks at the files, so every process takes the same branch
+        finished = decided(lambda: json.loads(done.read_text()) if args.resume and done.exists()
+                           and (save_dir / f"{name}.pth").exists() else None)
+        if finished is not None:
+            return finished
         model, info = workflow.prune_and_measure(ctx, copy.deepcopy(dense), target,
                                                  dense_info["macs"], widths, measure=args.eval)
         record = workflow.pruned_record(ctx, model, target, dense_info, info)

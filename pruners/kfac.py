@@ -320,6 +320,10 @@ def collect_kfac_statistics(model: nn.Module, batches: Iterable[Batch], loss_fn:
 def _sum_over_processes(accumulators: Dict[str, "_Accumulator"], examples: int) -> int:
     """Add every process's running sums and counts (torchrun): the factors then equal those of
     one process over all the batches. Returns the total example count."""
+    empty = all_reduce_sum(torch.tensor([float(examples == 0)], dtype=torch.float64))
+    if empty[0] > 0:  # fail on every process together, not in a mismatched all-reduce
+        raise CriterionError("a process received no K-FAC batch; start at most as many processes "
+                             "as there are batches per step")
     sums, counts = {}, [float(examples)]
     for key in sorted(accumulators):
         acc = accumulators[key]

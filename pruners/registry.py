@@ -175,12 +175,22 @@ def average_batch_scores(model: nn.Module, batches: Iterable[Batch],
             total[k] = total[k] + v if k in total else v.clone()
         count += 1
     if is_distributed():
+        count = _total_batches(count)
         total = all_reduce_dict(total)
-        count = int(all_reduce_sum(torch.tensor(count, dtype=torch.float64)).item())
     if count == 0:
         raise CriterionError("no batches were given for importance estimation; "
                              "pass at least one (inputs, targets) batch")
     return {k: v / count for k, v in total.items()}
+
+
+def _total_batches(count: int) -> int:
+    """The batch count over all processes; every process fails together when one has none (its
+    score dict would be empty and the all-reduce of the sums would not match)."""
+    both = all_reduce_sum(torch.tensor([float(count), float(count == 0)], dtype=torch.float64))
+    if both[1] > 0:
+        raise CriterionError("a process received no importance batch; start at most as many "
+                             "processes as there are batches per step")
+    return int(both[0])
 
 
 class preserved_state:

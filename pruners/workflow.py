@@ -13,6 +13,7 @@ Paths (all relative to the current directory unless absolute):
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,10 @@ from models import get_classifier, get_model
 from utils.checkpoint import (FORMAT, CheckpointError, check_writable, load_checkpoint,
                               load_pruned_model, load_state_into, save_atomic,
                               save_pruned_model, write_json)
-from utils.cli import default_milestones, method_options
+from utils.cli import UsageError, default_milestones, method_options
 from utils.data import BatchStream, build_loaders, shard_loaders
-from utils.distributed import (DistInfo, average_batchnorm_statistics, check_same_model,
-                               init_distributed)
+from utils.distributed import (DistInfo, agreed, average_batchnorm_statistics, check_same_model,
+                               env_world_size, init_distributed)
 from utils.engine import (TrainConfig, evaluate_metrics, recalibrate_batchnorm, seed_everything,
                           train)
 from utils.flops import count_macs, count_params, format_count
@@ -56,36 +57,40 @@ class Context:
         return bool(self.args.progress) and self.is_main
 
 
-def setup(args, importance_batch_size: Optional[int] = None) -> Context:
+def setup(args, importance_batch_size: Optional[int] = None,
+          multi_process: bool = False) -> Context:
     """Validate what can be validated before any long work, join the torchrun process group if
-    there is one, then build the data loaders."""
+    there is one (only scripts that share their work out say `multi_process`), then build the
+    data loaders."""
     from models import available_models
     if args.model not in available_models():
         get_model(args.model, 10)  # raises the one-line "unknown model" error
     importance = getattr(args, "importance_type", None)
     if importance is not None:
         get_method(importance)
+    if env_world_size() > 1 and not multi_process:
+        raise UsageError(f"{Path(sys.argv[0]).name} runs in one process; start it without torchrun "
+                         "(prune_imagenet.py and train_imagenet.py share their work over processes)")
     dist = init_distributed(args.device)
     seed_everything(args.seed)
     out = args.output_dir or f"outputs/{args.dataset}_{args.model}" + (
         f"_{importance}" if importance else "")
     out_dir = Path(out)
-    if dist.is_main:
-        check_writable(out_dir)
-        check_writable(args.save_path_prefix)
+    agreed(lambda: (check_writable(out_dir), check_writable(args.save_path_prefix,
+                                                            "--save_path_prefix")))
     loaders = build_loaders(args.dataset, data_root=args.data_root, batch_size=args.batch_size,
                             eval_batch_size=args.eval_batch_size, num_workers=args.num_workers,
                             download=args.download, val_fraction=args.val_fraction, seed=args.seed,
                             pin_memory=dist.device.type == "cuda",
                             image_size=getattr(args, "image_size", None))
-    if dist.distributed:  # each process evaluates its own part of the test set
-        loaders = shard_loaders(loaders, args.seed)
     example = loaders.example_inputs(2).to(dist.device)
     # Importance batches come from a stream of their own, seeded by --seed, so the same seed gives
     # the same masks whether the dense network was just trained in this process or loaded.
     train = loaders.train
     stream = BatchStream(train.dataset, importance_batch_size or train.batch_size, args.seed,
                          num_workers=train.num_workers, pin_memory=dist.device.type == "cuda")
+    if dist.distributed:  # each process evaluates its own part of the test set
+        loaders = shard_loaders(loaders, args.seed)
     return Context(args, dist.device, loaders, example, out_dir, dist, stream)
 
 
@@ -217,6 +222,7 @@ def prune_and_measure(ctx: Context, model: nn.Module, target: float, reference_m
     after re-estimating BatchNorm statistics (no weight changes either way); the second is what
     fine-tuning starts from. Returns (model, prune info)."""
     seed_everything(ctx.args.seed)
+    ctx.batches.restart()
     model, info = prune_model(ctx, model, target, reference_macs, original_widths)
     model.to(ctx.device)
     stale = test_metrics(ctx, model) if measure else None

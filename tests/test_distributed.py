@@ -105,3 +105,23 @@ def test_more_processes_than_batches_is_one_line(tmp_path, resnet18_weights, ima
     assert proc.returncode != 0
     assert "only --iters_per_step 1 batches" in proc.stderr
     assert not (tmp_path / "x" / "pruned_model.pth").exists()
+
+
+def test_one_process_scripts_refuse_torchrun(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, str(REPO / "train_prune.py"), "--output_dir",
+                           str(tmp_path / "o"), "--save_path_prefix", str(tmp_path / "c")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "runs in one process" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_unwritable_save_dir_fails_on_every_process_alike(tmp_path, resnet18_weights,
+                                                          imagenet_folder):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = _prune(blocker / "out", 2, resnet18_weights, imagenet_folder)
+    assert proc.returncode != 0
+    # both processes stop at the same check with the same line; neither dies in a collective
+    assert proc.stderr.count("is not writable") == 2, proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr and 'prune_imagenet.py", line' not in proc.stderr

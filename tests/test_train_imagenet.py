@@ -171,7 +171,7 @@ def test_bad_input_is_one_line_and_touches_nothing(world, single, tmp_path):
     # mixed precision asked for on a CPU (in-process: the same error boundary, less start-up)
     import train_imagenet
     from utils.cli import UsageError
-    with pytest.raises(UsageError, match="--amp"):
+    with pytest.raises(ValueError, match="--amp"):
         train_imagenet.main(["--save_dir", str(d), "--data_root", str(data), *FAST, "--amp"])
 
 

@@ -112,7 +112,7 @@ def load_pruned_model(path, device="cpu", with_meta: bool = False):
     return (model, obj.get("meta", {})) if with_meta else model
 
 
-def check_writable(folder) -> Path:
+def check_writable(folder, flag: str = "--output_dir") -> Path:
     """Create `folder` if needed and make sure we can write there, before any long work starts."""
     folder = Path(folder)
     try:
@@ -122,5 +122,5 @@ def check_writable(folder) -> Path:
         os.unlink(tmp)
     except OSError as err:
         raise CheckpointError(f"output directory {folder} is not writable ({err.strerror}); "
-                              "pass a writable --output_dir") from None
+                              f"pass a writable {flag}") from None
     return folder

@@ -250,6 +250,9 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name} asked for CUDA but no GPU is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -278,6 +281,7 @@ def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
     """Run a script's main(); bad input -> one line on stderr and exit 2, a run-time failure
     (utils.log.RunFailure) -> one line and exit 1, Ctrl-C -> exit 130."""
     prog = os.path.basename(sys.argv[0])
+    from utils.distributed import cleanup
     try:
         code = main(argv)
     except KeyboardInterrupt:
@@ -292,4 +296,6 @@ def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
             print(f"{prog}: error: {str(err).splitlines()[0]}", file=sys.stderr)
             sys.exit(2)
         raise
+    finally:
+        cleanup()  # leave the torchrun process group, if any, in an orderly way
     sys.exit(code or 0)

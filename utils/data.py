@@ -492,8 +492,11 @@ def build_loaders(dataset: str, data_root: Optional[os.PathLike] = None, batch_s
         info = replace(info, num_classes=num_classes)
 
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    # Not persistent: the loader draws its workers' seeds once per iterator, so a run resumed at
+    # epoch k must create one per epoch too to draw the same random numbers as an uninterrupted one.
     train = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                       generator=torch.Generator().manual_seed(int(seed)), **common)
+                       generator=torch.Generator().manual_seed(int(seed)),
+                       **dict(common, persistent_workers=False))
     val = DataLoader(val_set, batch_size=eval_batch_size, shuffle=False, **common) if val_set else None
     test = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, **common)
     return Loaders(train=train, val=val, test=test, num_classes=num_classes,
@@ -578,7 +581,8 @@ def shard_loaders(loaders: Loaders, seed: int = 0, rank: Optional[int] = None,
     common = dict(num_workers=train.num_workers, pin_memory=train.pin_memory,
                   persistent_workers=train.num_workers > 0)
     new_train = DataLoader(PerSampleSeeded(train.dataset, seed), batch_size=train.batch_size,
-                           sampler=sampler, drop_last=len(sampler) > train.batch_size, **common)
+                           sampler=sampler, drop_last=len(sampler) > train.batch_size,
+                           **dict(common, persistent_workers=False))  # see build_loaders
 
     def shard(loader):
         if loader is None:
@@ -607,7 +611,13 @@ class BatchStream:
         self.batch_size = min(int(batch_size), len(dataset))
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.restart()
+
+    def restart(self) -> None:
+        """Back to the first batch: every pruning target then scores on the same batches, whether
+        the targets before it ran in this process or were skipped by --resume."""
+        self.generator = torch.Generator().manual_seed(self.seed)
         self._passes = 0
         self._pool: List[Tuple[int, int]] = []
 

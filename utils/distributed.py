@@ -13,7 +13,7 @@ import datetime
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,7 +63,7 @@ def init_distributed(device_flag: str = "auto", timeout_minutes: float = 30.0) -
     local_rank = _env_int("LOCAL_RANK", 0)
     device = resolve_device(device_flag)
     if world > 1 and device.type == "cuda":
-        if device.index not in (None, local_rank) and device_flag not in ("auto", "cuda"):
+        if device_flag not in ("auto", "cuda"):  # the same answer on every process
             raise DistributedError(f"--device {device_flag} names one GPU, but under torchrun each "
                                    "process uses GPU LOCAL_RANK; pass --device cuda or auto")
         if local_rank >= torch.cuda.device_count():
@@ -111,10 +111,15 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def env_world_size() -> int:
+    """The number of processes torchrun starts (1 without torchrun), readable before joining."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` over all processes (a new tensor on the tensor's own device)."""
     if not is_distributed():
-        return tensor
+        return tensor.clone()
     buf = tensor.detach().to(_comm_device(), copy=True)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.to(tensor.device)
@@ -124,8 +129,10 @@ def all_reduce_dict(tensors: dict) -> dict:
     """Sum each tensor of `tensors` over all processes, in one flat message per dtype.
 
     Every process must pass the same keys with the same shapes (same network, same code path)."""
-    if not is_distributed() or not tensors:
-        return tensors
+    if not is_distributed():
+        return {k: v.clone() for k, v in tensors.items()}
+    if not tensors:
+        return {}
     keys = sorted(tensors)
     out = {}
     by_dtype = {}
@@ -156,6 +163,29 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def agreed(check: Callable[[], None]) -> None:
+    """Run `check` (e.g. of a shared folder) on rank 0 and raise what it raised on every process:
+    an error on one process only would leave the others waiting in their next collective."""
+    if not is_distributed():
+        check()
+        return
+    failure = None
+    if is_main():
+        try:
+            check()
+        except ValueError as err:  # our one-line user errors
+            failure = err
+    failure = broadcast_object(failure)
+    if failure is not None:
+        raise failure
+
+
+def decided(decide: Callable[[], Any]) -> Any:
+    """`decide()` evaluated on rank 0 (e.g. whether a result already exists on disk) and handed
+    to every process, so all take the same branch."""
+    return broadcast_object(decide() if is_main() else None)
 
 
 def model_fingerprint(model: nn.Module) -> dict:

@@ -182,7 +182,7 @@ def evaluate_metrics(model: nn.Module, loader, device, progress: bool = False, d
                              hits[:, 0].sum().double(), hits.any(1).sum().double(),
                              torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
     model.train(was)
-    sums = dist_utils.all_reduce_sum(sums.cpu())
+    sums = dist_utils.all_reduce_sum(sums)
     loss, c1, c5, n = sums.tolist()
     if n == 0:
         return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "count": 0}
@@ -452,6 +452,8 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
             scheduler.step()
             sums[1] = float(correct.item())
             _sync_buffers(model)
+            if ema is not None:
+                _sync_buffers(ema.module)  # its BatchNorm statistics were averaged per process
             train_seconds = time.perf_counter() - t_epoch
             loss_sum, correct, count = dist_utils.all_reduce_sum(sums).tolist()
             record = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1),

@@ -21,7 +21,7 @@ import torch.nn as nn
 from . import distributed as dist_utils
 from .checkpoint import (CheckpointError, check_writable, load_checkpoint, load_pruned_model,
                          save_pruned_model, write_json)
-from .cli import UsageError
+from .cli import UsageError, train_config
 from .data import Loaders, build_loaders, shard_loaders
 from .engine import evaluate_metrics, seed_everything, train
 
@@ -44,8 +44,7 @@ def paths(save_dir, model_name: str) -> Paths:
 
 def check_args(args, device: torch.device) -> None:
     """What can be checked before loading anything (so bad input costs nothing)."""
-    if args.amp and device.type != "cuda":
-        raise UsageError("--amp (mixed precision) needs a CUDA device; drop --amp or run on a GPU")
+    train_config(args).check(device, has_val=False)  # the recipe's own checks, up front
     if args.sync_bn and dist_utils.is_distributed() and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop it")
     for flag, value, least in (("--epochs", args.epochs, 0), ("--batch-size", args.batch_size, 1),
@@ -67,7 +66,7 @@ def load_network(args, p: Paths):
     return None, {"arch": args.model}, None
 
 
-def load_data(args, meta: dict) -> Loaders:
+def load_data(args, meta: dict, device: torch.device) -> Loaders:
     """This process's loaders: the whole training folder (no held-out split: there is no
     checkpoint selection) and the val folder as the reported test set, sharded over processes."""
     dataset = args.dataset or meta.get("dataset") or "imagenet"
@@ -75,7 +74,7 @@ def load_data(args, meta: dict) -> Loaders:
     loaders = build_loaders(dataset, data_root=args.data_root, batch_size=args.batch_size,
                             eval_batch_size=args.eval_batch_size, num_workers=args.workers,
                             val_fraction=0.0, seed=args.seed,
-                            pin_memory=torch.cuda.is_available(),
+                            pin_memory=device.type == "cuda",
                             image_size=image_size if dataset == "imagenet" else None,
                             auto_augment=None if args.auto_augment == "none" else args.auto_augment)
     return shard_loaders(loaders, seed=args.seed)
@@ -113,11 +112,7 @@ def check_resumable(args, p: Paths, arch: str) -> None:
 
 
 def run(args) -> int:
-    info = dist_utils.init_distributed(args.device)
-    try:
-        return _run(args, info)
-    finally:
-        dist_utils.cleanup()
+    return _run(args, dist_utils.init_distributed(args.device))
 
 
 def _say(msg: str) -> None:
@@ -129,11 +124,10 @@ def _run(args, info) -> int:
     device = info.device
     check_args(args, device)
     p = paths(args.save_dir, args.model_name)
-    if info.is_main:
-        check_writable(p.newest.parent)
+    dist_utils.agreed(lambda: check_writable(p.newest.parent, flag="--save_dir"))
     seed_everything(args.seed)  # the same initial weights on every process
     model, meta, source = load_network(args, p)
-    loaders = load_data(args, meta)
+    loaders = load_data(args, meta, device)
     if model is None:
         from models import get_model
         model = get_model(args.model, loaders.num_classes, weights=args.weights)
@@ -152,7 +146,6 @@ def _run(args, info) -> int:
              f"top-5 {m['top5']:.2f}%")
         return 0
 
-    from .cli import train_config
     cfg = train_config(args, select="last")
     t0 = time.perf_counter()
     result = train(model, loaders, cfg, device, p.newest, resume=args.resume,
