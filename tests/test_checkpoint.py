@@ -268,8 +268,9 @@ def test_class_outside_the_allow_list_is_refused(tmp_path):
     # A file naming a class outside the allow-list (hand-edited) is refused by name only.
     save_pruned_model(nn.Sequential(nn.ReLU()), tmp_path / "ok.pth")
     obj = torch.load(tmp_path / "ok.pth", weights_only=True)
-    obj["structure"]["0"]["class"] = "subprocess:Popen"
-    torch.save(obj, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError) as err:
-        load_pruned_model(tmp_path / "bad.pth")
-    assert "\n" not in str(err.value) and "subprocess:Popen" in str(err.value)
+    for name in ("subprocess:Popen", "models:os.system", "torch.nn:Module.__subclasses__"):
+        obj["structure"]["0"]["class"] = name
+        torch.save(obj, tmp_path / "bad.pth")
+        with pytest.raises(CheckpointError) as err:
+            load_pruned_model(tmp_path / "bad.pth")
+        assert "\n" not in str(err.value) and name in str(err.value)

@@ -214,7 +214,11 @@ def _resolve_class(name: str, extra_modules: Sequence[str] = ()) -> type:
     """The nn.Module class `module:qualname`, looked up only inside the allowed packages."""
     module_name, _, qualname = str(name).partition(":")
     allowed = tuple(SAFE_MODULES) + tuple(extra_modules)
-    if not qualname or not any(module_name == p or module_name.startswith(p + ".") for p in allowed):
+
+    def inside(module: str) -> bool:
+        return any(module == p or module.startswith(p + ".") for p in allowed)
+
+    if not qualname or "__" in qualname or not inside(module_name):
         raise CheckpointError(f"class {name} is outside the packages a pruned model may use "
                               f"({', '.join(allowed)})")
     try:
@@ -223,8 +227,8 @@ def _resolve_class(name: str, extra_modules: Sequence[str] = ()) -> type:
             obj = getattr(obj, part)
     except (ImportError, AttributeError):
         raise CheckpointError(f"class {name} does not exist in this version of the code") from None
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise CheckpointError(f"{name} is not an nn.Module class")
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module) and inside(obj.__module__)):
+        raise CheckpointError(f"{name} is not an nn.Module class of the allowed packages")
     return obj
 
 
@@ -321,7 +325,10 @@ def _rebuild(structure: dict, state: dict, extra: dict, skeleton: Optional[nn.Mo
         module = existing if type(existing) is cls else _blank(cls)
         built[path] = module
         prefix = f"{path}." if path else ""
-        module.__dict__.update(record["attrs"])
+        for key, value in record["attrs"].items():
+            if not _plain_value(value)[1] or key.startswith("__"):
+                raise CheckpointError(f"attribute {key} of module '{path}' is not plain data")
+            module.__dict__[key] = value
         for key in record["tensor_attrs"]:
             module.__dict__[key] = extra[prefix + key].clone()
         module._parameters = {}
