@@ -118,7 +118,7 @@ def main(argv=None):
         if ctx.is_main:
             save_pruned_model(model, save_dir / f"{name}.pth", results=record, arch=args.model,
                               dataset=args.dataset, num_classes=ctx.loaders.num_classes,
-                              image_size=ctx.loaders.image_size)
+                              image_size=ctx.loaders.image_size, model_kwargs=workflow.model_kwargs(args))
             write_json(record, done)
             print(f"saved {save_dir / f'{name}.pth'} ({format_count(record['pruned_macs'])} MACs, "
                   f"ratio {record['achieved_ops_ratio']:.3f}); fine-tune it with:\n  "

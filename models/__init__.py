@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from typing import Mapping, Optional, Tuple
 
@@ -144,11 +143,12 @@ def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
 # ----------------------------------------------------------------------------- weight files
 
 def _read_file(path: str):
+    """Tensors and plain data only (weights_only=True): a file that would run code is refused."""
+    from utils.checkpoint import CheckpointError, read_tensors_file
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Checkpoints of our own scripts may hold whole modules or argument namespaces.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return read_tensors_file(path)
+    except CheckpointError as err:
+        raise ModelError(str(err)) from None
 
 
 def _state_dict_from(obj, path: str) -> Mapping[str, torch.Tensor]:

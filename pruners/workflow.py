@@ -107,11 +107,15 @@ def load_pretrained(ctx: Context) -> nn.Module:
     """The pretrained network of --model/--weights (a torchvision weights name from the torch hub
     cache, or a local file), classifier sized to the dataset. Never trains."""
     args = ctx.args
-    kwargs = {}
-    if args.model.startswith("vit_") and getattr(args, "image_size", None):
-        kwargs["image_size"] = args.image_size  # ViT position embeddings are sized to the input
     return get_model(args.model, ctx.loaders.num_classes, weights=args.weights,
-                     **kwargs).to(ctx.device)
+                     **model_kwargs(args)).to(ctx.device)
+
+
+def model_kwargs(args) -> dict:
+    """Extra get_model options of --model: ViT position embeddings are sized to --image_size."""
+    if args.model.startswith("vit_") and getattr(args, "image_size", None):
+        return {"image_size": args.image_size}
+    return {}
 
 
 def _regularizer(args) -> Optional[Callable]:
@@ -250,6 +254,13 @@ def finetune(ctx: Context, model: nn.Module, target_dir: Path, desc: str) -> dic
     return {"seconds": result.seconds, "best_val_acc": result.best_val_acc}
 
 
+def model_identity(ctx: Context) -> dict:
+    """What a pruned-model file records about the network it was pruned from (the loader
+    starts from that dense skeleton)."""
+    return {"arch": ctx.args.model, "num_classes": ctx.loaders.num_classes,
+            "model_kwargs": model_kwargs(ctx.args)}
+
+
 def target_dir(ctx: Context, target: float) -> Path:
     return ctx.out_dir / f"ops_{target:g}"
 
@@ -266,13 +277,13 @@ def prune_and_finetune(ctx: Context, model: nn.Module, target: float, dense: dic
         prune_info = saved["prune_info"]
     else:
         model, prune_info = prune_and_measure(ctx, model, target, dense["macs"], original_widths)
-        save_pruned_model(model, init_path, prune_info=prune_info)
+        save_pruned_model(model, init_path, prune_info=prune_info, **model_identity(ctx))
     ft = finetune(ctx, model, tdir, desc=f"fine-tune ops {target:g}")
     final = test_metrics(ctx, model)
     record = pruned_record(ctx, model, target, dense, prune_info)
     record.update(test_acc_finetuned=final["top1"], test_top5_finetuned=final["top5"],
                   val_acc_finetuned_best=ft["best_val_acc"], seconds_finetune=ft["seconds"])
-    save_pruned_model(model, tdir / "pruned_model.pth", results=record)
+    save_pruned_model(model, tdir / "pruned_model.pth", results=record, **model_identity(ctx))
     write_json(record, tdir / "results.json")
     return model, record
 

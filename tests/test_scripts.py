@@ -140,6 +140,8 @@ def test_other_criteria_end_to_end(method, extra, dense_dir, tmp_path):
 
 def test_same_seed_same_masks_and_metrics(dense_dir, tmp_path):
     import torch
+
+    from utils.checkpoint import load_pruned_model
     recs, models = [], []
     for name in ("a", "b"):
         out = tmp_path / name
@@ -147,7 +149,7 @@ def test_same_seed_same_masks_and_metrics(dense_dir, tmp_path):
                    "--output_dir", str(out), "--save_path_prefix", str(dense_dir / "ckpt"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         recs.append(json.loads((out / "ops_0.6" / "results.json").read_text()))
-        models.append(torch.load(out / "ops_0.6" / "pruned_model.pth", weights_only=False)["model"])
+        models.append(load_pruned_model(out / "ops_0.6" / "pruned_model.pth"))
     for key in ("pruned_macs", "pruned_params", "test_acc_pruned", "test_acc_finetuned"):
         assert recs[0][key] == recs[1][key], key
     for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):

@@ -137,8 +137,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(world, tmp_path):
     assert h_full == h_part
     assert rec_full["final_weights"] == "ema"
     assert (rec_full["test_loss"], rec_full["test_top1"]) == (rec_part["test_loss"], rec_part["test_top1"])
-    a = torch.load(full / "pruned_model_finetuned.pth", weights_only=False)["model"].state_dict()
-    b = torch.load(part / "pruned_model_finetuned.pth", weights_only=False)["model"].state_dict()
+    a = torch.load(full / "pruned_model_finetuned.pth", weights_only=True)["state_dict"]
+    b = torch.load(part / "pruned_model_finetuned.pth", weights_only=True)["state_dict"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
 

@@ -46,8 +46,21 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def _numpy_state() -> tuple:
+    """numpy's global RNG state with its key as a tensor: checkpoints hold only tensors and plain
+    data, so they load with weights_only=True."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _set_numpy_state(state) -> None:
+    name, key, pos, has_gauss, cached = state
+    key = key.numpy() if isinstance(key, torch.Tensor) else key  # ndarray: an older checkpoint
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
+
+
 def _rng_state(loader) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     gen = getattr(loader, "generator", None)
@@ -58,7 +71,7 @@ def _rng_state(loader) -> dict:
 
 def _set_rng_state(state: dict, loader) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    _set_numpy_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
