@@ -391,15 +391,12 @@ def train(model: nn.Module, loaders, cfg: TrainConfig, device, checkpoint_path: 
         best_acc, best_epoch = ckpt["best_val_acc"], ckpt["best_epoch"]
         best_state = ckpt["best_state"]
         history = ckpt.get("history", [])
-        rng = ckpt["rng"]
-        # One RNG state per process; with another process count, a fresh per-rank seed.
-        if isinstance(rng, list):
-            if len(rng) == world:
-                _set_rng_state(rng[dist_utils.rank()], loaders.train)
-            else:
-                seed_everything(int(ckpt.get("epoch", 0)) * 1000 + dist_utils.rank())
-        else:
-            _set_rng_state(rng, loaders.train)
+        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+        if len(rngs) == world:  # one RNG state per process
+            _set_rng_state(rngs[dist_utils.rank()], loaders.train)
+        else:  # another process count: fresh streams from the run's seed, the epoch and the rank
+            seed_everything((torch.initial_seed() * 1_000_003 + start_epoch * 1009
+                             + dist_utils.rank()) % 2 ** 31)
     elif loaders.val is not None and select == "best_val":
         # The starting point competes too: fine-tuning never hands back a network that is worse
         # on the validation split than the one it was given.
