@@ -13,13 +13,25 @@ SplitAttention (models/attention.py), in place. torch-pruning then prunes only t
 are ignored roots, so their internal dims never enter a group), and the internal q/k dims, v dims
 or whole heads (pruners/attention_units.py) are ranked in the same global list, against the same
 MACs budget, as the channels of the groups.
+
+Layers torch-pruning cannot handle are left alone, never fatal: the run goes on with every other
+group, and each such layer is named once on stderr and listed in `PruneReport.left_alone`.
+Their channels meet a graph node whose channel mapping torch-pruning does not know:
+* a reshape whose index mapping fails (ShuffleNet's channel shuffle);
+* an operation that uses a parameter outside any layer torch-pruning traces (Swin's window
+  attention calls F.linear on its qkv / proj weights), whose width would go stale;
+and groups rooted at attention-internal projections (outputs reshaped into heads: Swin's qkv,
+MaxViT's to_qkv, Swin v2's position-bias MLP) are never offered. Grouped convolutions are pruned in
+units of one channel offset in every group, so every group keeps the same width.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Set
 
 import torch
 import torch.nn as nn
@@ -75,6 +87,7 @@ class PruneReport:
     steps: int
     seconds_estimating: float
     seconds_pruning: float
+    left_alone: Dict[str, str] = field(default_factory=dict)  # layer name -> why
 
     @property
     def ops_ratio(self) -> float:
@@ -148,6 +161,84 @@ def free_parameters(model: nn.Module) -> List[tuple]:
     return found
 
 
+# Attribute names under which attention modules keep their head count.
+_HEAD_ATTRIBUTES = ("num_heads", "n_heads")
+# Output projections of attention modules: their outputs are the hidden (residual) width.
+_OUTPUT_PROJECTIONS = ("proj", "out_proj", "merge", "o_proj")
+
+
+def attention_internal_layers(model: nn.Module) -> List[nn.Module]:
+    """Layers inside attention modules (other than SplitAttention) whose outputs are reshaped into
+    heads or per-head biases, so torch-pruning's flat channel indices would not match: every
+    conv / linear of the innermost modules with a head-count attribute except their output
+    projection."""
+    from models.attention import SplitAttention
+    def has_heads(module):
+        return any(isinstance(getattr(module, a, None), int) for a in _HEAD_ATTRIBUTES)
+
+    found = []
+    for module in model.modules():
+        if any(isinstance(m, (SplitAttention, nn.MultiheadAttention)) for m in module.modules()):
+            continue  # handled by attention_units (or a block around such an attention)
+        # the innermost module with a head count: a block around it keeps its MLP prunable
+        if not has_heads(module) or any(has_heads(m) for m in module.modules() if m is not module):
+            continue
+        output = next((getattr(module, n) for n in _OUTPUT_PROJECTIONS
+                       if isinstance(getattr(module, n, None), nn.Module)), None)
+        found.extend(m for m in module.modules()
+                     if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m is not output)
+    return found
+
+
+_MAPPING_UPDATES = ("update_concat_index_mapping", "update_split_index_mapping",
+                    "update_reshape_index_mapping", "update_unbind_index_mapping",
+                    "update_expand_index_mapping", "update_slice_index_mapping")
+
+
+@contextlib.contextmanager
+def _tolerant_index_mapping(failed: List):
+    """While building a graph, a node whose channel index mapping torch-pruning cannot work out
+    (it raises) is recorded in `failed` instead of aborting the whole build."""
+    module = tp.dependency.index_mapping
+    originals = {name: getattr(module, name) for name in _MAPPING_UPDATES if hasattr(module, name)}
+
+    def tolerant(update):
+        def run(graph, node):
+            try:
+                update(graph, node)
+            except Exception as err:  # noqa: BLE001 - any failure means "mapping unknown"
+                failed.append((node, f"{type(err).__name__}: {err}"))
+        return run
+
+    for name, update in originals.items():
+        setattr(module, name, tolerant(update))
+    try:
+        yield
+    finally:
+        for name, update in originals.items():
+            setattr(module, name, update)
+
+
+def _untracked_parameter_nodes(DG, model: nn.Module, unwrapped) -> Dict[object, str]:
+    """Graph nodes of plain operations that consume a parameter torch-pruning does not track
+    (e.g. F.linear(x, self.qkv.weight) inside Swin's attention): pruning through them would leave
+    that parameter's width stale. Returns {node: parameter name}."""
+    known = {id(p) for p, _ in unwrapped}
+    for module in DG.module2node:
+        if isinstance(module, nn.Module):
+            known.update(id(p) for p in module.parameters(recurse=False))
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {}
+    for module, node in DG.module2node.items():
+        if not type(module).__module__.startswith("torch_pruning"):
+            continue  # a layer or an unwrapped parameter, not a plain operation
+        for fn, _ in getattr(node.grad_fn, "next_functions", ()):
+            variable = getattr(fn, "variable", None)
+            if isinstance(variable, nn.Parameter) and id(variable) in names and id(variable) not in known:
+                found[node] = names[id(variable)]
+    return found
+
+
 class StructuredPruner:
     """Holds the dependency graph of one model and removes channels from it step by step."""
 
@@ -157,20 +248,73 @@ class StructuredPruner:
         """`model` must already be converted (convert_attention) if it has attention layers."""
         self.model = model
         self.example_inputs = example_inputs
-        # Internal attention dims are pruned by attention_units, never through torch-pruning groups.
-        self.ignored_layers = list(ignored_layers) + attention_projections(model)
+        # Internal attention dims are pruned by attention_units, never through torch-pruning groups;
+        # those of other attention modules are not pruned at all.
+        self.ignored_layers = (list(ignored_layers) + attention_projections(model)
+                               + attention_internal_layers(model))
         self.prune_heads = prune_heads
         self.original_widths = original_widths or channel_widths(model)
         self.module_names = {m: n for n, m in model.named_modules()}
+        self.left_alone: Dict[str, str] = {}
+        self.refused: Set[nn.Module] = set()  # roots whose pruning raised once
+        self._build_graph()
+
+    def _build_graph(self):
+        model = self.model
         was_training = model.training
         model.eval()
-        self.DG = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, unwrapped_parameters=free_parameters(model))
-        model.train(was_training)
+        unwrapped = free_parameters(model)
+        failed: List = []
+        try:
+            with _tolerant_index_mapping(failed):
+                self.DG = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=self.example_inputs, unwrapped_parameters=unwrapped)
+        finally:
+            model.train(was_training)
+        # Nodes whose channel mapping is unknown: groups through them are left alone.
+        self.barriers: Dict[object, str] = {node: f"torch-pruning cannot map channels through "
+                                            f"{node.name or node.module} ({why})" for node, why in failed}
+        for node, param in _untracked_parameter_nodes(self.DG, model, unwrapped).items():
+            self.barriers[node] = f"its channels reach {param}, used outside any layer torch-pruning traces"
+
+    def _leave_alone(self, group, why: str) -> None:
+        """Report (once) the layers of a group that will not be pruned, and why."""
+        for dep, _ in group:
+            if not self.DG.is_out_channel_pruning_fn(dep.handler):
+                continue
+            name = self.module_names.get(dep.target.module)
+            if name is None or name in self.left_alone:
+                continue
+            self.left_alone[name] = why
+            print(f"structured pruning: leaving layer {name} alone: {why}", file=sys.stderr)
 
     def groups(self):
-        return list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
-                                           root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
+        groups = []
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
+            barrier = next((self.barriers[d.target] for d, _ in group if d.target in self.barriers)
+                           or (self.barriers[d.source] for d, _ in group if d.source in self.barriers),
+                           None)
+            if barrier is not None:
+                self._leave_alone(group, barrier)
+                continue
+            if group[0].dep.target.module in self.refused:
+                continue
+            groups.append(group)
+        return groups
+
+    def channel_groups(self, group) -> int:
+        """Into how many equal blocks the group's channels fall (grouped convolutions: their
+        `groups`; 1 otherwise): channels are removed as one offset in every block."""
+        counts = [1]
+        for dep, _ in group:
+            m = dep.target.module
+            if not isinstance(m, nn.modules.conv._ConvNd) or m.groups == 1:
+                continue
+            if m.groups == m.in_channels == m.out_channels:
+                continue  # depthwise: input and output channel are pruned together, freely
+            counts.append(m.groups)
+        return max(counts)
 
     def _floor(self, group, cap: float) -> int:
         """The fewest channels this group may keep (every layer keeps >= (1-cap) of its original)."""
@@ -190,21 +334,31 @@ class StructuredPruner:
         Returns a list of (root module, handler, channel indices) for torch-pruning groups and
         (AttentionSlot, count) for attention units."""
         layer_macs = _layer_macs(self.model, self.example_inputs[:1])
-        candidates = []  # (score, info id, channel / unit index)
-        info = []  # (group or AttentionSlot, removable, MACs per channel / unit)
+        candidates = []  # (score, info id, unit index)
+        info = []  # (group or AttentionSlot, removable units, MACs per unit, blocks)
         for group in self.groups():
-            scores = folder(group)
+            try:
+                scores = folder(group)
+            except Exception as err:  # noqa: BLE001 - a layer the folding cannot read
+                self._leave_alone(group, f"its scores could not be folded ({type(err).__name__}: {err})")
+                continue
             if scores is None:
                 continue
             n = len(scores)
-            removable = n - self._floor(group, cap)
-            info.append((group, removable, _channel_cost(group, layer_macs, self.DG)))
+            blocks = self.channel_groups(group)
+            if n % blocks:
+                self._leave_alone(group, f"{n} channels do not split into {blocks} equal groups")
+                continue
+            # One unit = the same channel offset in every block (a single channel when blocks = 1).
+            unit_scores = scores.reshape(blocks, -1).mean(0)
+            removable = (n - self._floor(group, cap)) // blocks
+            info.append((group, removable, _channel_cost(group, layer_macs, self.DG) * blocks, blocks))
             if removable <= 0:
                 continue
-            for c in range(n):
-                candidates.append((float(scores[c]), len(info) - 1, c))
+            for c in range(len(unit_scores)):
+                candidates.append((float(unit_scores[c]), len(info) - 1, c))
         for slot in attention_slots(self.model, folder, layer_macs, cap, self.prune_heads):
-            info.append((slot, slot.removable, slot.cost))
+            info.append((slot, slot.removable, slot.cost, 1))
             # Units in removal order; their scores never decrease, so the stable sort keeps it.
             candidates.extend((float(s), len(info) - 1, r) for r, s in enumerate(slot.unit_scores))
         self.scored_units = len(candidates) + sum(1 for it in info if it[1] <= 0)
@@ -214,20 +368,22 @@ class StructuredPruner:
         for score, gi, c in candidates:
             if spent >= budget_macs:
                 break
-            group, removable, cost = info[gi]
+            group, removable, cost, _ = info[gi]
             picked = chosen.setdefault(gi, [])
             if len(picked) >= removable:
                 continue
             picked.append(c)
             spent += cost
         plan = []
-        for gi, idxs in chosen.items():
-            group = info[gi][0]
+        for gi, units in chosen.items():
+            group, _, _, blocks = info[gi]
             if isinstance(group, AttentionSlot):
-                plan.append((group, len(idxs)))
+                plan.append((group, len(units)))
                 continue
+            width = len(group[0].root_idxs) // blocks
+            idxs = sorted(b * width + u for b in range(blocks) for u in units)
             root = group[0].dep
-            plan.append((root.target.module, root.handler, sorted(idxs)))
+            plan.append((root.target.module, root.handler, idxs))
         return plan
 
     def apply(self, plan, compensate: Optional[Callable] = None, state: Optional[dict] = None):
@@ -251,9 +407,15 @@ class StructuredPruner:
             removed += slot.remove(count)
         for module, handler, idxs in channel_plan:
             group = self.DG.get_pruning_group(module, handler, idxs)
-            if self.DG.check_pruning_group(group):
+            if not self.DG.check_pruning_group(group):
+                continue
+            try:
                 group.prune()
-                removed += len(idxs)
+            except Exception as err:  # noqa: BLE001 - a layer torch-pruning cannot cut
+                self.refused.add(module)
+                self._leave_alone(group, f"torch-pruning failed on it ({type(err).__name__}: {err})")
+                continue
+            removed += len(idxs)
         refresh_width_attributes(self.model)
         return removed
 
@@ -331,4 +493,4 @@ def prune_to_target(model: nn.Module, method_name: str, batches: Callable[[int],
         bar.set_postfix(ops_ratio=f"{macs / reference:.3f}")
     bar.close()
     return PruneReport(macs_before, macs, params_before, count_params(model), reference, steps,
-                       t_est, t_prune)
+                       t_est, t_prune, dict(pruner.left_alone))
