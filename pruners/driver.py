@@ -36,6 +36,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Set
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from models.attention import convert_attention, refresh_width_attributes
@@ -239,6 +240,72 @@ def _untracked_parameter_nodes(DG, model: nn.Module, unwrapped) -> Dict[object, 
     return found
 
 
+def _reshape_chain(node) -> List:
+    """`node` and the reshapes it reaches through plain element-wise operations (a channel shuffle
+    is view -> transpose -> view: when the first cannot be mapped, the second is no better)."""
+    chain, stack = [node], list(node.outputs)
+    while stack:
+        n = stack.pop()
+        if n in chain or n.type not in (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE):
+            continue
+        if isinstance(n.module, nn.Module) and not type(n.module).__module__.startswith("torch_pruning"):
+            continue  # a layer (an activation module is element-wise too): the chain ends there
+        chain.append(n)
+        stack.extend(n.outputs)
+    return [n for n in chain if n.type == tp.ops.OPTYPE.RESHAPE]
+
+
+class _ShapeRecorder(TorchFunctionMode):
+    """Records (input shape, output shape) of every operation by its output's grad_fn, while
+    torch-pruning traces the model: its reshape nodes carry no output shape of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = {}
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None and args \
+                and isinstance(args[0], torch.Tensor):
+            self.shapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
+        return out
+
+
+def _splits_channels(DG, node, shapes) -> bool:
+    """Whether reshape `node` cuts its input's channel axis into pieces (a channel shuffle's
+    view(b, groups, c / groups, h, w), a projection's split into heads), which torch-pruning's
+    flat index mapping cannot follow. Kept: flattening (n, c, h, w) -> (n, c*h*w) or
+    (n, c, h*w), and window partitions that keep the channel axis whole."""
+    if node.grad_fn not in shapes:
+        return False
+    before, after = shapes[node.grad_fn]
+    depth = [0]
+    channels = None
+    for source in node.inputs:
+        channels = tp.dependency.shape_infer.infer_out_channels_recursively(DG, source, depth)
+        if channels is not None:
+            break
+    if not channels or before == after:
+        return False
+    if channels in after[1:]:
+        return False
+    return not (len(after) == 2 and after[1] % channels == 0)
+
+
+class _Cut:
+    """An extra index mapping on every dependency into a barrier node: it stops the group there
+    (no indices pass) and records that the group reached it."""
+
+    def __init__(self, node, hits: List):
+        self.node = node
+        self.hits = hits
+
+    def __call__(self, idxs):
+        if len(idxs):
+            self.hits.append(self.node)
+        return []
+
+
 class StructuredPruner:
     """Holds the dependency graph of one model and removes channels from it step by step."""
 
@@ -265,39 +332,80 @@ class StructuredPruner:
         model.eval()
         unwrapped = free_parameters(model)
         failed: List = []
+        recorder = _ShapeRecorder()
         try:
-            with _tolerant_index_mapping(failed):
+            with _tolerant_index_mapping(failed), recorder:
                 self.DG = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=self.example_inputs, unwrapped_parameters=unwrapped)
+                    model, example_inputs=self.example_inputs, unwrapped_parameters=unwrapped,
+                    verbose=False)
         finally:
             model.train(was_training)
+        failed += [(node, "it splits the channel axis") for node in self.DG.module2node.values()
+                   if node.type == tp.ops.OPTYPE.RESHAPE and node not in dict(failed)
+                   and _splits_channels(self.DG, node, recorder.shapes)]
         # Nodes whose channel mapping is unknown: groups through them are left alone.
-        self.barriers: Dict[object, str] = {node: f"torch-pruning cannot map channels through "
-                                            f"{node.name or node.module} ({why})" for node, why in failed}
+        self.barriers: Dict[object, str] = {}
+        for node, why in failed:
+            for reshape in _reshape_chain(node):
+                self.barriers[reshape] = f"torch-pruning cannot map its channels through a reshape ({why})"
         for node, param in _untracked_parameter_nodes(self.DG, model, unwrapped).items():
             self.barriers[node] = f"its channels reach {param}, used outside any layer torch-pruning traces"
+        self._hits: List = []
+        for node in self.DG.module2node.values():
+            for dep in node.dependencies:
+                if dep.target in self.barriers:
+                    dep.index_mapping.append(_Cut(dep.target, self._hits))
+        # Depthwise as the graph saw them (its pruning functions were chosen then); a grouped conv
+        # pruned down to one channel per group later stays a grouped conv for this graph.
+        self.depthwise = {m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)
+                          and m.groups == m.out_channels > 1}
 
     def _leave_alone(self, group, why: str) -> None:
-        """Report (once) the layers of a group that will not be pruned, and why."""
-        for dep, _ in group:
-            if not self.DG.is_out_channel_pruning_fn(dep.handler):
-                continue
-            name = self.module_names.get(dep.target.module)
+        """Report (once) the layers whose outputs a group would prune: they stay as they are."""
+        self._report([dep.target.module for dep, _ in group
+                      if self.DG.is_out_channel_pruning_fn(dep.handler)], why)
+
+    def _report(self, modules, why: str) -> None:
+        for module in modules:
+            if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue  # its normalisation layers etc. follow it
+            name = self.module_names.get(module)
             if name is None or name in self.left_alone:
                 continue
             self.left_alone[name] = why
             print(f"structured pruning: leaving layer {name} alone: {why}", file=sys.stderr)
 
+    def _all_groups(self):
+        """Every group rooted at the output of a prunable conv / linear (as torch-pruning's
+        get_all_groups), except that a root whose group torch-pruning cannot even form is left
+        alone instead of aborting the listing."""
+        ignored = set(self.ignored_layers) | set(self.DG.IGNORED_LAYERS_IN_TRACING)
+        visited = set()
+        for m in list(self.DG.module2node):
+            if m in ignored or m in visited or not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            pruner = self.DG.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            self._hits.clear()
+            try:
+                with _tolerant_index_mapping([]):  # the graph re-runs the mappings for every group
+                    group = self.DG.get_pruning_group(m, pruner.prune_out_channels,
+                                                      list(range(pruner.get_out_channels(m))))
+            except Exception as err:  # noqa: BLE001
+                visited.add(m)
+                self._report([m], f"torch-pruning cannot trace its group ({type(err).__name__}: {err})")
+                continue
+            outputs = [dep.target.module for dep, _ in group if self.DG.is_out_channel_pruning_fn(dep.handler)]
+            visited.update(outputs)
+            if self._hits:
+                self._leave_alone(group, self.barriers[self._hits[0]])
+            elif not any(o in ignored for o in outputs):
+                yield group
+
     def groups(self):
         groups = []
-        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
-                                            root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
-            barrier = next((self.barriers[d.target] for d, _ in group if d.target in self.barriers)
-                           or (self.barriers[d.source] for d, _ in group if d.source in self.barriers),
-                           None)
-            if barrier is not None:
-                self._leave_alone(group, barrier)
-                continue
+        for group in self._all_groups():
             if group[0].dep.target.module in self.refused:
                 continue
             groups.append(group)
@@ -311,8 +419,8 @@ class StructuredPruner:
             m = dep.target.module
             if not isinstance(m, nn.modules.conv._ConvNd) or m.groups == 1:
                 continue
-            if m.groups == m.in_channels == m.out_channels:
-                continue  # depthwise: input and output channel are pruned together, freely
+            if m in self.depthwise:
+                continue  # input and output channel are pruned together, freely
             counts.append(m.groups)
         return max(counts)
 
@@ -395,7 +503,8 @@ class StructuredPruner:
                 for layer, rows in slot.removed_rows(count).items():
                     outputs.setdefault(layer, set()).update(rows)
             for module, handler, idxs in channel_plan:
-                group = self.DG.get_pruning_group(module, handler, idxs)
+                with _tolerant_index_mapping([]):
+                    group = self.DG.get_pruning_group(module, handler, idxs)
                 for dep, layer_idxs in group:
                     if self.DG.is_out_channel_pruning_fn(dep.handler) and isinstance(
                             dep.target.module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -406,7 +515,8 @@ class StructuredPruner:
         for slot, count in attention_plan:
             removed += slot.remove(count)
         for module, handler, idxs in channel_plan:
-            group = self.DG.get_pruning_group(module, handler, idxs)
+            with _tolerant_index_mapping([]):
+                group = self.DG.get_pruning_group(module, handler, idxs)
             if not self.DG.check_pruning_group(group):
                 continue
             try:
