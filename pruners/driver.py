@@ -306,6 +306,27 @@ class _Cut:
         return []
 
 
+class _Guard:
+    """An extra index mapping on every dependency: a channel index list longer than any layer's
+    width can only come from reshape mappings compounding, and a group that follows far more
+    dependencies than the graph has can only be going round in circles (Swin v2); the group is
+    stopped there and recorded as reaching `node`."""
+
+    def __init__(self, node, limit: int, hits: List, steps: List, max_steps: int):
+        self.node = node
+        self.limit = limit
+        self.hits = hits
+        self.steps = steps  # [dependencies followed in the current group]
+        self.max_steps = max_steps
+
+    def __call__(self, idxs):
+        self.steps[0] += 1
+        if len(idxs) > self.limit or self.steps[0] > self.max_steps:
+            self.hits.append(self.node)
+            return []
+        return idxs
+
+
 class StructuredPruner:
     """Holds the dependency graph of one model and removes channels from it step by step."""
 
@@ -348,13 +369,30 @@ class StructuredPruner:
         for node, why in failed:
             for reshape in _reshape_chain(node):
                 self.barriers[reshape] = f"torch-pruning cannot map its channels through a reshape ({why})"
+        # Attention internals other than SplitAttention's: groups reaching them stop there (their
+        # head reshapes and position-bias paths make torch-pruning's traversal run away).
+        for layer in attention_internal_layers(model):
+            if layer in self.DG.module2node:
+                self.barriers[self.DG.module2node[layer]] = (
+                    f"its channels feed {self.module_names.get(layer)}, an attention projection into "
+                    f"heads that torch-pruning cannot follow")
         for node, param in _untracked_parameter_nodes(self.DG, model, unwrapped).items():
             self.barriers[node] = f"its channels reach {param}, used outside any layer torch-pruning traces"
         self._hits: List = []
+        self._steps = [0]
+        max_steps = 20 * len(self.DG.module2node)
+        limit = max([1] + [w for sides in channel_widths(model).values() for w in sides.values()]
+                    + [p.numel() for p, _ in unwrapped])
+        runaway = "torch-pruning's channel index mapping runs away through reshapes on its path"
+        self.hit_reasons = dict(self.barriers)
         for node in self.DG.module2node.values():
             for dep in node.dependencies:
                 if dep.target in self.barriers:
                     dep.index_mapping.append(_Cut(dep.target, self._hits))
+                else:
+                    dep.index_mapping.append(_Guard(dep.target, limit, self._hits, self._steps,
+                                                    max_steps))
+                    self.hit_reasons.setdefault(dep.target, runaway)
         # Depthwise as the graph saw them (its pruning functions were chosen then); a grouped conv
         # pruned down to one channel per group later stays a grouped conv for this graph.
         self.depthwise = {m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)
@@ -388,6 +426,7 @@ class StructuredPruner:
             if pruner is None or pruner.get_out_channels(m) is None:
                 continue
             self._hits.clear()
+            self._steps[0] = 0
             try:
                 with _tolerant_index_mapping([]):  # the graph re-runs the mappings for every group
                     group = self.DG.get_pruning_group(m, pruner.prune_out_channels,
@@ -399,7 +438,7 @@ class StructuredPruner:
             outputs = [dep.target.module for dep, _ in group if self.DG.is_out_channel_pruning_fn(dep.handler)]
             visited.update(outputs)
             if self._hits:
-                self._leave_alone(group, self.barriers[self._hits[0]])
+                self._leave_alone(group, self.hit_reasons[self._hits[0]])
             elif not any(o in ignored for o in outputs):
                 yield group
 
