@@ -155,3 +155,17 @@ def test_family_pruned_to_target_with_oba(name, capsys):
 @pytest.mark.parametrize("name", [n for n in models.available_models() if models.torchvision_models.is_torchvision_model(n)])
 def test_every_torchvision_model_pruned(name, method):
     _prune_family(name, method, tiny=False)
+
+
+# ----------------------------------------------------------------------------- MACs
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "regnet_x_400mf",
+                                  "efficientnet_b0", "googlenet", "convnext_tiny", "swin_t", "maxvit_t"])
+def test_macs_match_torchvision_published_ops(name):
+    """torchvision's weights carry `_ops`: GFLOPS counted as multiply-accumulates at the weights'
+    resolution; our counter must see the same conv, linear and attention products (Swin's
+    functional attention, MaxViT's grid attention included). Counting only, no weights needed."""
+    meta = torchvision.models.get_model_weights(name).DEFAULT.meta
+    size = meta["min_size"][0] if name == "maxvit_t" else 224
+    macs = count_macs(get_model(name, 1000), torch.randn(1, 3, size, size))
+    assert macs / 1e9 == pytest.approx(meta["_ops"], rel=0.02)
