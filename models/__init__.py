@@ -5,9 +5,14 @@
     get_model("preresnet29", 10)                pre-activation bottleneck ResNet, depth 9n+2
     get_model("resnet50", 1000, weights="IMAGENET1K_V1")   torchvision networks
     get_model("vit_b_16", 10, weights="/path/to/file.pth")  local state_dict / checkpoint
+    get_model("tv_vgg16", 1000)                 torchvision's VGG-16 (vgg16 is the CIFAR one)
+
+Every torchvision classification model is available under its torchvision name
+(models/torchvision_models.py); `vgg11/13/16/19` stay the CIFAR VGGs of this project.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from typing import Mapping, Optional, Tuple
@@ -24,7 +29,8 @@ class ModelError(ValueError):
 from .preresnet import PreResNet  # noqa: E402
 from .resnet import CifarResNet  # noqa: E402
 from .torchvision_models import (TORCHVISION_BUILDERS, IMAGENET_CLASSES,  # noqa: E402
-                                 build_torchvision_model, load_named_weights)
+                                 auxiliary_prefixes, build_torchvision_model,
+                                 drop_auxiliary_heads, is_torchvision_model, load_named_weights)
 from .vgg import VGG, VGG_LAYOUTS  # noqa: E402
 
 __all__ = ["ModelError", "get_model", "available_models", "get_classifier",
@@ -43,7 +49,9 @@ def available_models() -> Tuple[str, ...]:
 
 
 def _unknown(name: str) -> ModelError:
-    return ModelError(f"unknown model '{name}'; choose one of: {', '.join(available_models())} "
+    close = difflib.get_close_matches(name.strip().lower(), available_models(), n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return ModelError(f"unknown model '{name}'; {hint}choose one of: {', '.join(available_models())} "
                       f"(or resnet<6n+2>, preresnet<9n+2>)")
 
 
@@ -86,13 +94,14 @@ def get_model(name: str, num_classes: int, weights: Optional[str] = None,
     key = name.strip().lower()
     local_file = weights is not None and _looks_like_path(weights)
 
-    if key in TORCHVISION_BUILDERS:
+    if is_torchvision_model(key):
         if weights is None or local_file:
             model = build_torchvision_model(key, num_classes, **kwargs)
         else:
             state = load_named_weights(key, weights, download=download)
-            model = build_torchvision_model(key, IMAGENET_CLASSES, **kwargs)
+            model = build_torchvision_model(key, IMAGENET_CLASSES, weights_name=weights, **kwargs)
             model.load_state_dict(state)
+            drop_auxiliary_heads(model, key)
             if num_classes != IMAGENET_CLASSES:
                 replace_classifier(model, num_classes)
     else:
@@ -100,10 +109,10 @@ def get_model(name: str, num_classes: int, weights: Optional[str] = None,
         if model is None:
             raise _unknown(name)
         if weights is not None and not local_file:
-            raise ModelError(f"named weights '{weights}' exist only for "
-                             f"{', '.join(TORCHVISION_BUILDERS)}; pass a local file path for {name}")
+            raise ModelError(f"named weights '{weights}' exist only for torchvision models; "
+                             f"pass a local file path for {name}")
     if local_file:
-        load_weights_file(model, weights)
+        load_weights_file(model, weights, ignore_prefixes=auxiliary_prefixes(key))
     return model
 
 
@@ -114,14 +123,17 @@ def _looks_like_path(weights: str) -> bool:
 # ----------------------------------------------------------------------------- classifier
 
 def _classifier_path(model: nn.Module) -> str:
+    """Where the classifier lives: a known attribute, else the last Linear layer, else (networks
+    whose logits come from a 1x1 convolution, e.g. SqueezeNet) the last convolution."""
     modules = dict(model.named_modules())
     for path in CLASSIFIER_PATHS:
         if isinstance(modules.get(path), nn.Linear):
             return path
-    linears = [path for path, module in modules.items() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise ModelError(f"{type(model).__name__} has no Linear classifier layer")
-    return linears[-1]
+    for kind in (nn.Linear, nn.modules.conv._ConvNd):
+        found = [path for path, module in modules.items() if isinstance(module, kind)]
+        if found:
+            return found[-1]
+    raise ModelError(f"{type(model).__name__} has no Linear or convolution classifier layer")
 
 
 def get_classifier(model: nn.Module) -> nn.Module:
@@ -130,10 +142,17 @@ def get_classifier(model: nn.Module) -> nn.Module:
 
 
 def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
-    """Swap the classifier for a fresh Linear with `num_classes` outputs; returns the new layer."""
+    """Swap the classifier for a fresh layer with `num_classes` outputs; returns the new layer."""
     path = _classifier_path(model)
     old = model.get_submodule(path)
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    else:
+        new = type(old)(old.in_channels, num_classes, old.kernel_size, stride=old.stride,
+                        padding=old.padding, dilation=old.dilation, bias=old.bias is not None)
+        nn.init.normal_(new.weight, std=0.01)  # as torchvision starts SqueezeNet's final conv
+        if new.bias is not None:
+            nn.init.zeros_(new.bias)
     new.to(device=old.weight.device, dtype=old.weight.dtype)
     parent_path, _, attr = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
@@ -164,17 +183,20 @@ def _state_dict_from(obj, path: str) -> Mapping[str, torch.Tensor]:
                      f"with 'state_dict' or 'model')")
 
 
-def load_weights_file(model: nn.Module, path: str) -> nn.Module:
+def load_weights_file(model: nn.Module, path: str, ignore_prefixes: tuple = ()) -> nn.Module:
     """Load a local state_dict / checkpoint into `model`.
 
-    A 'module.' prefix (DistributedDataParallel) is removed. Classifier entries whose shape
-    differs (e.g. 1000 ImageNet classes into a 10-class model) are skipped, keeping the fresh
-    classifier; any other mismatch is an error.
+    A 'module.' prefix (DistributedDataParallel) is removed. Entries under `ignore_prefixes`
+    that the model lacks (auxiliary heads in a torchvision GoogLeNet / Inception file) are
+    dropped. Classifier entries whose shape differs (e.g. 1000 ImageNet classes into a 10-class
+    model) are skipped, keeping the fresh classifier; any other mismatch is an error.
     """
     if not os.path.isfile(path):
         raise ModelError(f"weights file {path} does not exist; check the path")
     state = {re.sub(r"^module\.", "", k): v for k, v in _state_dict_from(_read_file(path), path).items()}
     own = model.state_dict()
+    if ignore_prefixes:
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(ignore_prefixes)}
     head = _classifier_path(model) + "."
     head_keys = [k for k in own if k.startswith(head)]
     if any(k in state and state[k].shape != own[k].shape for k in head_keys):

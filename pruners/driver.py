@@ -13,17 +13,30 @@ SplitAttention (models/attention.py), in place. torch-pruning then prunes only t
 are ignored roots, so their internal dims never enter a group), and the internal q/k dims, v dims
 or whole heads (pruners/attention_units.py) are ranked in the same global list, against the same
 MACs budget, as the channels of the groups.
+
+Layers torch-pruning cannot handle are left alone, never fatal: the run goes on with every other
+group, and each such layer is named once on stderr and listed in `PruneReport.left_alone`.
+Their channels meet a graph node whose channel mapping torch-pruning does not know:
+* a reshape whose index mapping fails (ShuffleNet's channel shuffle);
+* an operation that uses a parameter outside any layer torch-pruning traces (Swin's window
+  attention calls F.linear on its qkv / proj weights), whose width would go stale;
+and groups rooted at attention-internal projections (outputs reshaped into heads: Swin's qkv,
+MaxViT's to_qkv, Swin v2's position-bias MLP) are never offered. Grouped convolutions are pruned in
+units of one channel offset in every group, so every group keeps the same width.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Set
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from models.attention import convert_attention, refresh_width_attributes
@@ -78,6 +91,7 @@ class PruneReport:
     steps: int
     seconds_estimating: float
     seconds_pruning: float
+    left_alone: Dict[str, str] = field(default_factory=dict)  # layer name -> why
 
     @property
     def ops_ratio(self) -> float:
@@ -151,6 +165,171 @@ def free_parameters(model: nn.Module) -> List[tuple]:
     return found
 
 
+# Attribute names under which attention modules keep their head count.
+_HEAD_ATTRIBUTES = ("num_heads", "n_heads")
+# Output projections of attention modules: their outputs are the hidden (residual) width.
+_OUTPUT_PROJECTIONS = ("proj", "out_proj", "merge", "o_proj")
+
+
+def attention_internal_layers(model: nn.Module) -> List[nn.Module]:
+    """Layers inside attention modules (other than SplitAttention) whose outputs are reshaped into
+    heads or per-head biases, so torch-pruning's flat channel indices would not match: every
+    conv / linear of the innermost modules with a head-count attribute except their output
+    projection."""
+    from models.attention import SplitAttention
+    def has_heads(module):
+        return any(isinstance(getattr(module, a, None), int) for a in _HEAD_ATTRIBUTES)
+
+    found = []
+    for module in model.modules():
+        if any(isinstance(m, (SplitAttention, nn.MultiheadAttention)) for m in module.modules()):
+            continue  # handled by attention_units (or a block around such an attention)
+        # the innermost module with a head count: a block around it keeps its MLP prunable
+        if not has_heads(module) or any(has_heads(m) for m in module.modules() if m is not module):
+            continue
+        output = next((getattr(module, n) for n in _OUTPUT_PROJECTIONS
+                       if isinstance(getattr(module, n, None), nn.Module)), None)
+        found.extend(m for m in module.modules()
+                     if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m is not output)
+    return found
+
+
+_MAPPING_UPDATES = ("update_concat_index_mapping", "update_split_index_mapping",
+                    "update_reshape_index_mapping", "update_unbind_index_mapping",
+                    "update_expand_index_mapping", "update_slice_index_mapping")
+
+
+@contextlib.contextmanager
+def _tolerant_index_mapping(failed: List):
+    """While building a graph, a node whose channel index mapping torch-pruning cannot work out
+    (it raises) is recorded in `failed` instead of aborting the whole build."""
+    module = tp.dependency.index_mapping
+    originals = {name: getattr(module, name) for name in _MAPPING_UPDATES if hasattr(module, name)}
+
+    def tolerant(update):
+        def run(graph, node):
+            try:
+                update(graph, node)
+            except Exception as err:  # noqa: BLE001 - any failure means "mapping unknown"
+                failed.append((node, f"{type(err).__name__}: {err}"))
+        return run
+
+    for name, update in originals.items():
+        setattr(module, name, tolerant(update))
+    try:
+        yield
+    finally:
+        for name, update in originals.items():
+            setattr(module, name, update)
+
+
+def _untracked_parameter_nodes(DG, model: nn.Module, unwrapped) -> Dict[object, str]:
+    """Graph nodes of plain operations that consume a parameter torch-pruning does not track
+    (e.g. F.linear(x, self.qkv.weight) inside Swin's attention): pruning through them would leave
+    that parameter's width stale. Returns {node: parameter name}."""
+    known = {id(p) for p, _ in unwrapped}
+    for module in DG.module2node:
+        if isinstance(module, nn.Module):
+            known.update(id(p) for p in module.parameters(recurse=False))
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {}
+    for module, node in DG.module2node.items():
+        if not type(module).__module__.startswith("torch_pruning"):
+            continue  # a layer or an unwrapped parameter, not a plain operation
+        for fn, _ in getattr(node.grad_fn, "next_functions", ()):
+            variable = getattr(fn, "variable", None)
+            if isinstance(variable, nn.Parameter) and id(variable) in names and id(variable) not in known:
+                found[node] = names[id(variable)]
+    return found
+
+
+def _reshape_chain(node) -> List:
+    """`node` and the reshapes it reaches through plain element-wise operations (a channel shuffle
+    is view -> transpose -> view: when the first cannot be mapped, the second is no better)."""
+    chain, stack = [node], list(node.outputs)
+    while stack:
+        n = stack.pop()
+        if n in chain or n.type not in (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE):
+            continue
+        if isinstance(n.module, nn.Module) and not type(n.module).__module__.startswith("torch_pruning"):
+            continue  # a layer (an activation module is element-wise too): the chain ends there
+        chain.append(n)
+        stack.extend(n.outputs)
+    return [n for n in chain if n.type == tp.ops.OPTYPE.RESHAPE]
+
+
+class _ShapeRecorder(TorchFunctionMode):
+    """Records (input shape, output shape) of every operation by its output's grad_fn, while
+    torch-pruning traces the model: its reshape nodes carry no output shape of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = {}
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None and args \
+                and isinstance(args[0], torch.Tensor):
+            self.shapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
+        return out
+
+
+def _splits_channels(DG, node, shapes) -> bool:
+    """Whether reshape `node` cuts its input's channel axis into pieces (a channel shuffle's
+    view(b, groups, c / groups, h, w), a projection's split into heads), which torch-pruning's
+    flat index mapping cannot follow. Kept: flattening (n, c, h, w) -> (n, c*h*w) or
+    (n, c, h*w), and window partitions that keep the channel axis whole."""
+    if node.grad_fn not in shapes:
+        return False
+    before, after = shapes[node.grad_fn]
+    depth = [0]
+    channels = None
+    for source in node.inputs:
+        channels = tp.dependency.shape_infer.infer_out_channels_recursively(DG, source, depth)
+        if channels is not None:
+            break
+    if not channels or before == after:
+        return False
+    if channels in after[1:]:
+        return False
+    return not (len(after) == 2 and after[1] % channels == 0)
+
+
+class _Cut:
+    """An extra index mapping on every dependency into a barrier node: it stops the group there
+    (no indices pass) and records that the group reached it."""
+
+    def __init__(self, node, hits: List):
+        self.node = node
+        self.hits = hits
+
+    def __call__(self, idxs):
+        if len(idxs):
+            self.hits.append(self.node)
+        return []
+
+
+class _Guard:
+    """An extra index mapping on every dependency: a channel index list longer than any layer's
+    width can only come from reshape mappings compounding, and a group that follows far more
+    dependencies than the graph has can only be going round in circles (Swin v2); the group is
+    stopped there and recorded as reaching `node`."""
+
+    def __init__(self, node, limit: int, hits: List, steps: List, max_steps: int):
+        self.node = node
+        self.limit = limit
+        self.hits = hits
+        self.steps = steps  # [dependencies followed in the current group]
+        self.max_steps = max_steps
+
+    def __call__(self, idxs):
+        self.steps[0] += 1
+        if len(idxs) > self.limit or self.steps[0] > self.max_steps:
+            self.hits.append(self.node)
+            return []
+        return idxs
+
+
 class StructuredPruner:
     """Holds the dependency graph of one model and removes channels from it step by step."""
 
@@ -160,20 +339,132 @@ class StructuredPruner:
         """`model` must already be converted (convert_attention) if it has attention layers."""
         self.model = model
         self.example_inputs = example_inputs
-        # Internal attention dims are pruned by attention_units, never through torch-pruning groups.
-        self.ignored_layers = list(ignored_layers) + attention_projections(model)
+        # Internal attention dims are pruned by attention_units, never through torch-pruning groups;
+        # those of other attention modules are not pruned at all.
+        self.ignored_layers = (list(ignored_layers) + attention_projections(model)
+                               + attention_internal_layers(model))
         self.prune_heads = prune_heads
         self.original_widths = original_widths or channel_widths(model)
         self.module_names = {m: n for n, m in model.named_modules()}
+        self.left_alone: Dict[str, str] = {}
+        self.refused: Set[nn.Module] = set()  # roots whose pruning raised once
+        self._build_graph()
+
+    def _build_graph(self):
+        model = self.model
         was_training = model.training
         model.eval()
-        self.DG = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, unwrapped_parameters=free_parameters(model))
-        model.train(was_training)
+        unwrapped = free_parameters(model)
+        failed: List = []
+        recorder = _ShapeRecorder()
+        try:
+            with _tolerant_index_mapping(failed), recorder:
+                self.DG = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=self.example_inputs, unwrapped_parameters=unwrapped,
+                    verbose=False)
+        finally:
+            model.train(was_training)
+        failed += [(node, "it splits the channel axis") for node in self.DG.module2node.values()
+                   if node.type == tp.ops.OPTYPE.RESHAPE and node not in dict(failed)
+                   and _splits_channels(self.DG, node, recorder.shapes)]
+        # Nodes whose channel mapping is unknown: groups through them are left alone.
+        self.barriers: Dict[object, str] = {}
+        for node, why in failed:
+            for reshape in _reshape_chain(node):
+                self.barriers[reshape] = f"torch-pruning cannot map its channels through a reshape ({why})"
+        # Attention internals other than SplitAttention's: groups reaching them stop there (their
+        # head reshapes and position-bias paths make torch-pruning's traversal run away).
+        for layer in attention_internal_layers(model):
+            if layer in self.DG.module2node:
+                self.barriers[self.DG.module2node[layer]] = (
+                    f"its channels feed {self.module_names.get(layer)}, an attention projection into "
+                    f"heads that torch-pruning cannot follow")
+        for node, param in _untracked_parameter_nodes(self.DG, model, unwrapped).items():
+            self.barriers[node] = f"its channels reach {param}, used outside any layer torch-pruning traces"
+        self._hits: List = []
+        self._steps = [0]
+        max_steps = 20 * len(self.DG.module2node)
+        limit = max([1] + [w for sides in channel_widths(model).values() for w in sides.values()]
+                    + [p.numel() for p, _ in unwrapped])
+        runaway = "torch-pruning's channel index mapping runs away through reshapes on its path"
+        self.hit_reasons = dict(self.barriers)
+        for node in self.DG.module2node.values():
+            for dep in node.dependencies:
+                if dep.target in self.barriers:
+                    dep.index_mapping.append(_Cut(dep.target, self._hits))
+                else:
+                    dep.index_mapping.append(_Guard(dep.target, limit, self._hits, self._steps,
+                                                    max_steps))
+                    self.hit_reasons.setdefault(dep.target, runaway)
+        # Depthwise as the graph saw them (its pruning functions were chosen then); a grouped conv
+        # pruned down to one channel per group later stays a grouped conv for this graph.
+        self.depthwise = {m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)
+                          and m.groups == m.out_channels > 1}
+
+    def _leave_alone(self, group, why: str) -> None:
+        """Report (once) the layers whose outputs a group would prune: they stay as they are."""
+        self._report([dep.target.module for dep, _ in group
+                      if self.DG.is_out_channel_pruning_fn(dep.handler)], why)
+
+    def _report(self, modules, why: str) -> None:
+        for module in modules:
+            if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue  # its normalisation layers etc. follow it
+            name = self.module_names.get(module)
+            if name is None or name in self.left_alone:
+                continue
+            self.left_alone[name] = why
+            print(f"structured pruning: leaving layer {name} alone: {why}", file=sys.stderr)
+
+    def _all_groups(self):
+        """Every group rooted at the output of a prunable conv / linear (as torch-pruning's
+        get_all_groups), except that a root whose group torch-pruning cannot even form is left
+        alone instead of aborting the listing."""
+        ignored = set(self.ignored_layers) | set(self.DG.IGNORED_LAYERS_IN_TRACING)
+        visited = set()
+        for m in list(self.DG.module2node):
+            if m in ignored or m in visited or not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            pruner = self.DG.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            self._hits.clear()
+            self._steps[0] = 0
+            try:
+                with _tolerant_index_mapping([]):  # the graph re-runs the mappings for every group
+                    group = self.DG.get_pruning_group(m, pruner.prune_out_channels,
+                                                      list(range(pruner.get_out_channels(m))))
+            except Exception as err:  # noqa: BLE001
+                visited.add(m)
+                self._report([m], f"torch-pruning cannot trace its group ({type(err).__name__}: {err})")
+                continue
+            outputs = [dep.target.module for dep, _ in group if self.DG.is_out_channel_pruning_fn(dep.handler)]
+            visited.update(outputs)
+            if self._hits:
+                self._leave_alone(group, self.hit_reasons[self._hits[0]])
+            elif not any(o in ignored for o in outputs):
+                yield group
 
     def groups(self):
-        return list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
-                                           root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
+        groups = []
+        for group in self._all_groups():
+            if group[0].dep.target.module in self.refused:
+                continue
+            groups.append(group)
+        return groups
+
+    def channel_groups(self, group) -> int:
+        """Into how many equal blocks the group's channels fall (grouped convolutions: their
+        `groups`; 1 otherwise): channels are removed as one offset in every block."""
+        counts = [1]
+        for dep, _ in group:
+            m = dep.target.module
+            if not isinstance(m, nn.modules.conv._ConvNd) or m.groups == 1:
+                continue
+            if m in self.depthwise:
+                continue  # input and output channel are pruned together, freely
+            counts.append(m.groups)
+        return max(counts)
 
     def _floor(self, group, cap: float) -> int:
         """The fewest channels this group may keep (every layer keeps >= (1-cap) of its original)."""
@@ -193,21 +484,31 @@ class StructuredPruner:
         Returns a list of (root module, handler, channel indices) for torch-pruning groups and
         (AttentionSlot, count) for attention units."""
         layer_macs = _layer_macs(self.model, self.example_inputs[:1])
-        candidates = []  # (score, info id, channel / unit index)
-        info = []  # (group or AttentionSlot, removable, MACs per channel / unit)
+        candidates = []  # (score, info id, unit index)
+        info = []  # (group or AttentionSlot, removable units, MACs per unit, blocks)
         for group in self.groups():
-            scores = folder(group)
+            try:
+                scores = folder(group)
+            except Exception as err:  # noqa: BLE001 - a layer the folding cannot read
+                self._leave_alone(group, f"its scores could not be folded ({type(err).__name__}: {err})")
+                continue
             if scores is None:
                 continue
             n = len(scores)
-            removable = n - self._floor(group, cap)
-            info.append((group, removable, _channel_cost(group, layer_macs, self.DG)))
+            blocks = self.channel_groups(group)
+            if n % blocks:
+                self._leave_alone(group, f"{n} channels do not split into {blocks} equal groups")
+                continue
+            # One unit = the same channel offset in every block (a single channel when blocks = 1).
+            unit_scores = scores.reshape(blocks, -1).mean(0)
+            removable = (n - self._floor(group, cap)) // blocks
+            info.append((group, removable, _channel_cost(group, layer_macs, self.DG) * blocks, blocks))
             if removable <= 0:
                 continue
-            for c in range(n):
-                candidates.append((float(scores[c]), len(info) - 1, c))
+            for c in range(len(unit_scores)):
+                candidates.append((float(unit_scores[c]), len(info) - 1, c))
         for slot in attention_slots(self.model, folder, layer_macs, cap, self.prune_heads):
-            info.append((slot, slot.removable, slot.cost))
+            info.append((slot, slot.removable, slot.cost, 1))
             # Units in removal order; their scores never decrease, so the stable sort keeps it.
             candidates.extend((float(s), len(info) - 1, r) for r, s in enumerate(slot.unit_scores))
         self.scored_units = len(candidates) + sum(1 for it in info if it[1] <= 0)
@@ -217,20 +518,22 @@ class StructuredPruner:
         for score, gi, c in candidates:
             if spent >= budget_macs:
                 break
-            group, removable, cost = info[gi]
+            group, removable, cost, _ = info[gi]
             picked = chosen.setdefault(gi, [])
             if len(picked) >= removable:
                 continue
             picked.append(c)
             spent += cost
         plan = []
-        for gi, idxs in chosen.items():
-            group = info[gi][0]
+        for gi, units in chosen.items():
+            group, _, _, blocks = info[gi]
             if isinstance(group, AttentionSlot):
-                plan.append((group, len(idxs)))
+                plan.append((group, len(units)))
                 continue
+            width = len(group[0].root_idxs) // blocks
+            idxs = sorted(b * width + u for b in range(blocks) for u in units)
             root = group[0].dep
-            plan.append((root.target.module, root.handler, sorted(idxs)))
+            plan.append((root.target.module, root.handler, idxs))
         return plan
 
     def apply(self, plan, compensate: Optional[Callable] = None, state: Optional[dict] = None):
@@ -242,7 +545,8 @@ class StructuredPruner:
                 for layer, rows in slot.removed_rows(count).items():
                     outputs.setdefault(layer, set()).update(rows)
             for module, handler, idxs in channel_plan:
-                group = self.DG.get_pruning_group(module, handler, idxs)
+                with _tolerant_index_mapping([]):
+                    group = self.DG.get_pruning_group(module, handler, idxs)
                 for dep, layer_idxs in group:
                     if self.DG.is_out_channel_pruning_fn(dep.handler) and isinstance(
                             dep.target.module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -253,10 +557,17 @@ class StructuredPruner:
         for slot, count in attention_plan:
             removed += slot.remove(count)
         for module, handler, idxs in channel_plan:
-            group = self.DG.get_pruning_group(module, handler, idxs)
-            if self.DG.check_pruning_group(group):
+            with _tolerant_index_mapping([]):
+                group = self.DG.get_pruning_group(module, handler, idxs)
+            if not self.DG.check_pruning_group(group):
+                continue
+            try:
                 group.prune()
-                removed += len(idxs)
+            except Exception as err:  # noqa: BLE001 - a layer torch-pruning cannot cut
+                self.refused.add(module)
+                self._leave_alone(group, f"torch-pruning failed on it ({type(err).__name__}: {err})")
+                continue
+            removed += len(idxs)
         refresh_width_attributes(self.model)
         return removed
 
@@ -334,4 +645,4 @@ def prune_to_target(model: nn.Module, method_name: str, batches: Callable[[int],
         bar.set_postfix(ops_ratio=f"{macs / reference:.3f}")
     bar.close()
     return PruneReport(macs_before, macs, params_before, count_params(model), reference, steps,
-                       t_est, t_prune)
+                       t_est, t_prune, dict(pruner.left_alone))

@@ -3,7 +3,9 @@
 For every layer the group touches:
   * output side of a conv / linear: the weight's score summed over every axis but axis 0, plus the
     bias entry;
-  * input side (when the criterion asks for it): summed over every axis but axis 1;
+  * input side (when the criterion asks for it): summed over every axis but axis 1; for a grouped
+    convolution only over the rows of the input channel's own group;
+  * depthwise convolution: its row (input and output channel at once), counted once;
   * nn.MultiheadAttention (its embedding dimension): every in/out projection entry of that dim;
   * a free-standing parameter (class token, position embedding): summed over all other axes;
   * normalisation layers only for criteria that score them (NN Slimming).
@@ -51,6 +53,28 @@ def _fold(t: torch.Tensor, keep_dim: int, multivariable: bool) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).sum(1)
 
 
+def _conv_linear_fold(w: torch.Tensor, layer: nn.Module, out_side: bool,
+                      multivariable: bool) -> torch.Tensor:
+    """One entry per output (out_side) or input channel of a conv / linear layer.
+
+    A grouped convolution's weight holds, for output channel o of group g = o // (out/groups),
+    only the in/groups input channels of that group. So input channel c = g * (in/groups) + j is
+    scored by column j of the rows of group g alone (and for a transposed convolution, whose
+    weight is (in, out/groups, ...), output channel o = g * (out/groups) + j by column j of the
+    rows of group g). A depthwise convolution's row c is its input and its output channel c at
+    once; torch-pruning couples the two, so it is scored on the output side only.
+    """
+    transposed = getattr(layer, "transposed", False)
+    groups = getattr(layer, "groups", 1)
+    axis = 0 if out_side != transposed else 1  # the weight axis that indexes this side
+    if groups == 1 or axis == 0:
+        return _fold(w, axis, multivariable)
+    # Column side of a grouped weight: split the rows into their groups first.
+    t = w.detach() if multivariable else w.detach().abs()
+    t = t.reshape(groups, t.shape[0] // groups, t.shape[1], -1)  # (group, row, column, rest)
+    return t.sum((1, 3)).reshape(-1)  # channel g * columns + j
+
+
 class ScoreFolder:
     """Callable as a torch-pruning Importance: group -> 1-D channel scores (None if unscored)."""
 
@@ -84,12 +108,11 @@ class ScoreFolder:
                 return None
             # the axis torch-pruning removes entries along (class token / position embedding: 2)
             return _fold(s, dep.target.pruning_dim, mv)[idxs]
-        if fn in _CONV_LINEAR_OUT:
+        if fn in _CONV_LINEAR_OUT or fn == tpf.prune_depthwise_conv_out_channels:
             w = self._score(layer, "weight")
             if w is None:
                 return None
-            transposed = getattr(layer, "transposed", False)
-            term = _fold(w, 1 if transposed else 0, mv)
+            term = _conv_linear_fold(w, layer, out_side=True, multivariable=mv)
             b = self._score(layer, "bias")
             if b is not None:
                 term = term + (b.detach() if mv else b.detach().abs())
@@ -100,12 +123,7 @@ class ScoreFolder:
             w = self._score(layer, "weight")
             if w is None:
                 return None
-            transposed = getattr(layer, "transposed", False)
-            term = _fold(w, 0 if transposed else 1, mv)
-            groups = getattr(layer, "groups", 1)
-            if fn is tpf.prune_conv_in_channels and groups > 1 and groups != layer.in_channels:
-                term = term.repeat(groups)
-            return term[idxs]
+            return _conv_linear_fold(w, layer, out_side=False, multivariable=mv)[idxs]
         if isinstance(layer, nn.MultiheadAttention):
             return self._attention_term(layer, idxs)
         if fn in _NORM_OUT:
