@@ -240,7 +240,7 @@ def prune_model(ctx: Context, model: nn.Module, target: float, reference_macs: i
     def after_step(model):
         if recal is not None:
             recal(model)
-        pause_point("pruning step")  # a test interrupts here, between two pruning steps
+        pause_point(f"pruning step {target:g}")  # a test interrupts here, between two steps
 
     report = prune_to_target(model, args.importance_type, ctx.batches, loss_fn,
                              ctx.example_inputs, prune_settings(args, target), [classifier],

@@ -122,7 +122,7 @@ def test_signals_in_every_phase_then_resume_matches(reference, tmp_path):
     assert dense_epoch.read_bytes() == epoch1 or load_checkpoint(dense_epoch)["epoch"] == 2
     check_files(tmp_path, temps_allowed=False)
 
-    proc = start(tmp_path, "--resume", pause="pruning step")
+    proc = start(tmp_path, "--resume", pause="pruning step 0.7")
     wait_for(proc, lambda: "paused at pruning step" in output(proc))
     proc.send_signal(signal.SIGINT)
     code, log = finish(proc, 60)
@@ -309,3 +309,46 @@ def test_out_of_memory_in_eigen_pruning(monkeypatch):
     from utils.flops import count_macs
     with pytest.raises(RunFailure, match="Eigen estimated importance on batches of 7 images"):
         workflow.prune_model(ctx, model, 0.5, count_macs(model, x), {})
+
+
+@pytest.mark.slow
+def test_iterative_interrupted_while_pruning_second_target(tmp_path):
+    """iterative_prune.py: SIGTERM between two pruning steps of the second target; --resume
+    reloads the first target's fine-tuned network and prunes the second again from it."""
+    def launch(folder, *extra, pause=None):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env.pop(PAUSE_ENV, None)
+        if pause:
+            env[PAUSE_ENV] = pause
+        args = [a for a in RUN if a not in ("--ops_ratios", "0.7")]
+        log = open(folder / f"log{time.monotonic_ns()}.txt", "w+")
+        proc = subprocess.Popen([sys.executable, str(REPO / "iterative_prune.py"), *args,
+                                 "--ops_ratios", "0.8", "0.6", "--output_dir", str(folder / "out"),
+                                 "--save_path_prefix", str(folder / "ckpt"), *extra],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc.log = log
+        return proc
+
+    def records(folder):
+        recs = json.loads((folder / "out" / "summary.json").read_text())
+        for rec in recs:
+            for key in TIMING:
+                rec.pop(key)
+            for key in ("resume", "output_dir", "save_path_prefix"):
+                rec["settings"].pop(key)
+        return recs
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir(), run.mkdir()
+    code, log = finish(launch(ref))
+    assert code == 0, log
+    proc = launch(run, pause="pruning step 0.6")  # target 0.8 runs through; 0.6 pauses
+    wait_for(proc, lambda: "paused at pruning step" in output(proc))
+    proc.send_signal(signal.SIGTERM)
+    code, log = finish(proc, 60)
+    assert code == 143, log
+    check_files(run, temps_allowed=False)
+    code, log = finish(launch(run, "--resume"))
+    assert code == 0, log
+    check_files(run, temps_allowed=False)
+    assert records(run) == records(ref)
