@@ -115,7 +115,8 @@ def add_run(p: argparse.ArgumentParser):
                    "(under torchrun every process uses GPU LOCAL_RANK)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue interrupted training / fine-tuning from the last epoch checkpoint")
+                   help="continue an interrupted run from its last complete checkpoint (an error when "
+                        "there is nothing to resume)")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bars")

@@ -358,9 +358,12 @@ def _folder_bases(key: str, root: Path):
         if not folder.is_dir():
             raise DataError(f"{key} {role} folder {folder} not found (expected {layout}); "
                             f"set the folder in dataset.yaml or pass --data_root")
+    def has_images(folder):  # ImageFolder looks into sub-folders too (tiny_imagenet: <class>/images/)
+        return any(name.lower().endswith(IMG_EXTENSIONS)
+                   for _, _, names in os.walk(folder, followlinks=True) for name in names)
+
     for entry in sorted(os.scandir(train_dir), key=lambda e: e.name):
-        if entry.is_dir() and not any(f.name.lower().endswith(IMG_EXTENSIONS) and f.is_file()
-                                      for f in os.scandir(entry.path)):
+        if entry.is_dir() and not has_images(entry.path):
             raise DataError(f"{key} class folder {entry.path} holds no images (expected "
                             f"{', '.join(IMG_EXTENSIONS[:3])}...); add its images or remove the "
                             "folder (and the same class from val/)")
