@@ -233,12 +233,37 @@ def test_write_error_inside_torch_save_keeps_previous_file(tmp_path, monkeypatch
 
     def failing_save(obj, f):
         f.write(b"PK partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0: "
-                           "file write failed")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(RunFailure, match=r"(no space left|could not write).*model\.pth"):
         save_atomic({"v": torch.zeros(2)}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pth"]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 2 MB filesystem (tmpfs); needs the right to mount, else the test is skipped (the
+    monkeypatched tests above cover the same code)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_really_full_disk(small_filesystem):
+    path = small_filesystem / "ckpt.pth"
+    save_atomic({"v": torch.ones(1000)}, path)
+    before = path.read_bytes()
+    for write in (lambda: save_atomic({"v": torch.ones(1_000_000)}, path),  # 4 MB
+                  lambda: write_json({"x": "a" * 3_000_000}, small_filesystem / "r.json")):
+        with pytest.raises(RunFailure, match="no space left on the device writing"):
+            write()
+    assert path.read_bytes() == before
+    assert [p.name for p in small_filesystem.iterdir()] == ["ckpt.pth"]
 
 
 def test_stale_temp_files_removed_on_next_write(tmp_path):

@@ -59,18 +59,26 @@ def _remove_stale_temps(path: Path) -> None:
             pass
 
 
+def _disk_full(folder: Path) -> bool:
+    """Is (almost) no space left where `folder` is? Asked while the failed temp file still
+    takes its space."""
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
 def _write_failure(path: Path, err: BaseException) -> Optional[RunFailure]:
-    """The one-line failure for a write that could not finish (full disk, quota, I/O error);
-    torch.save reports the OSError of the file it writes as a RuntimeError."""
+    """The one-line failure for a write that could not finish (full disk, quota, I/O error).
+    torch.save reports a failed write of its file as a RuntimeError of its zip writer
+    ("[enforce fail at inline_container.cc] unexpected pos ...", "file write failed")."""
     if isinstance(err, OSError):
         reason = err.strerror or str(err)
-        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-    elif isinstance(err, RuntimeError) and "write" in str(err).lower():
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT) or _disk_full(path.parent)
+    elif isinstance(err, RuntimeError) and any(
+            word in str(err) for word in ("inline_container", "PytorchStreamWriter", "write")):
         reason = str(err).splitlines()[0]
-        try:
-            full = shutil.disk_usage(path.parent).free < (64 << 20)
-        except OSError:
-            full = False
+        full = _disk_full(path.parent)
     else:
         return None
     if full:
@@ -94,11 +102,11 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
+        failure = _write_failure(path, err)  # before the temp file gives its space back
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        failure = _write_failure(path, err)
         if failure is not None:
             raise failure from None
         raise
