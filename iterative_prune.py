@@ -21,7 +21,7 @@ def main(argv=None):
     cli.add_pruning(p)
     p.add_argument("--ops_ratios", type=float, nargs="+", default=[0.6, 0.5, 0.4, 0.3],
                    help="strictly decreasing fractions of the dense MACs to keep")
-    args = p.parse_args(argv)
+    args = cli.parse(p, argv)
     cli.check_ratios(args.ops_ratios, decreasing=True)
 
     ctx = workflow.setup(args)

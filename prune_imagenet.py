@@ -57,7 +57,7 @@ def parse(argv):
     # All of the training folder serves importance estimation (nothing is trained or selected);
     # --resume here means: skip the targets already saved.
     p.set_defaults(batch_size=64, tensorboard=False, val_fraction=0.0)
-    args = p.parse_args(argv)
+    args = cli.parse(p, argv)
     cli.check_ratios(args.ops_ratios)
     names = [f"{r:g}" for r in args.ops_ratios]
     if len(set(names)) != len(names):
@@ -67,9 +67,6 @@ def parse(argv):
         raise cli.UsageError(f"{processes} processes but only --iters_per_step "
                              f"{args.iters_per_step} batches to share out; use at most "
                              f"{args.iters_per_step} processes or more batches")
-    for flag in ("importance_batch_size", "iters_per_step", "iterative_steps"):
-        if getattr(args, flag) < 1:
-            raise cli.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not args.weights or args.weights.lower() == "none":
         raise cli.UsageError("prune_imagenet.py prunes pretrained networks: pass --weights with a "
                              "torchvision weights name or a local file")

@@ -35,7 +35,7 @@ def main(argv=None):
     g.add_argument("--stop_after_epochs", type=int, default=None,
                    help="stop after this many epochs in this run (e.g. a job time limit); "
                         "continue later with --resume")
-    args = p.parse_args(argv)
+    args = cli.parse(p, argv)
     return finetune.run(args)
 
 

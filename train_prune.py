@@ -22,7 +22,7 @@ def main(argv=None):
     cli.add_pruning(p)
     p.add_argument("--ops_ratios", type=float, nargs="+", default=[0.5],
                    help="fractions of the dense MACs to keep, one run per value")
-    args = p.parse_args(argv)
+    args = cli.parse(p, argv)
     cli.check_ratios(args.ops_ratios)
 
     ctx = workflow.setup(args)

@@ -24,7 +24,7 @@ from pruners.group_scores import NORMALIZERS  # noqa: E402
 from pruners.registry import get_method  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.checkpoint import FORMAT, load_checkpoint, save_atomic, write_json  # noqa: E402
-from utils.engine import TrainConfig, seed_everything, train  # noqa: E402
+from utils.engine import TrainConfig, train  # noqa: E402
 
 # Criteria whose per-parameter scores are per weight (Eigen re-parameterises, Slim scores BatchNorm).
 CRITERIA = ("OBA", "fastOBA", "Taylor", "Weight", "Random", "C-OBD", "C-OBS", "Kron-OBD", "Kron-OBS")
@@ -48,7 +48,7 @@ def parse(argv=None):
                    help="no layer loses more than this fraction of its weights (unstructured)")
     g.add_argument("--ft_between_steps", type=int, default=0,
                    help="fine-tuning epochs after every pruning step but the last")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def check_request(args):
@@ -188,7 +188,7 @@ def main(argv=None):
         masks = {n: saved["masks"][n].to(ctx.device) for n in targets}
         prune_info = saved["prune_info"]
     else:
-        seed_everything(args.seed)
+        workflow.reseed(ctx)
         masks, prune_info = sparsify(ctx, model, targets, pattern, density)
         save_atomic({"format": FORMAT, "kind": "sparse_init", **meta, "state_dict": model.state_dict(),
                      "masks": masks, "prune_info": prune_info}, init_path)

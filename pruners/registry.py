@@ -87,13 +87,53 @@ class Method:
     def score(self, model: nn.Module, batches: Iterable[Batch], loss_fn: Callable,
               score_mode: str = DEFAULT_SCORE_MODE, **options) -> ScoreDict:
         """`estimate` with the network in `score_mode` ('train' or 'eval'); every buffer
-        (BatchNorm running statistics included) and train/eval flag is restored afterwards."""
+        (BatchNorm running statistics included) and train/eval flag is restored afterwards.
+        Running out of GPU memory is a RunFailure naming the batch size that failed."""
         check_score_mode(score_mode)
-        with preserved_state(model):
+        seen = BatchSizes(batches if self.needs_data else [])
+        with preserved_state(model), out_of_memory_as_failure(self.name, seen):
             model.train(score_mode == "train")
-            scores = self.estimate(model, batches if self.needs_data else [], loss_fn, **options)
+            scores = self.estimate(model, seen, loss_fn, **options)
         check_finite(self.name, scores)
         return scores
+
+
+class BatchSizes:
+    """The batches, passed through, remembering the size of the last one handed out."""
+
+    def __init__(self, batches: Iterable[Batch]):
+        self.batches, self.last = batches, None
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.last = int(batch[0].shape[0])
+            yield batch
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+class out_of_memory_as_failure:
+    """Context manager: an out-of-memory error while `method` estimates importance becomes one
+    line naming the batch size that failed and what to lower (exit 1, not a traceback)."""
+
+    def __init__(self, method: str, sizes: "BatchSizes"):
+        self.method, self.sizes = method, sizes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or not _is_out_of_memory(err):
+            return False
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        size = f"batches of {self.sizes.last} images" if self.sizes.last else "its batches"
+        raise RunFailure(f"out of memory while {self.method} estimated importance on {size}; lower "
+                         "the importance batch size (--importance_batch_size in prune_imagenet.py, "
+                         "--batch_size in the other scripts) or use a GPU with more memory") from None
 
 
 _METHODS: Dict[str, Method] = {}

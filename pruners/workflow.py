@@ -33,9 +33,10 @@ from utils.distributed import (DistInfo, agreed, average_batchnorm_statistics, c
 from utils.engine import (TrainConfig, evaluate_metrics, recalibrate_batchnorm, seed_everything,
                           train)
 from utils.flops import count_macs, count_params, format_count
+from utils.log import pause_point
 
 from .driver import PruneSettings, channel_widths, prune_to_target
-from .registry import get_method
+from .registry import BatchSizes, get_method, out_of_memory_as_failure
 
 
 @dataclass
@@ -76,8 +77,8 @@ def setup(args, importance_batch_size: Optional[int] = None,
     out = args.output_dir or f"outputs/{args.dataset}_{args.model}" + (
         f"_{importance}" if importance else "")
     out_dir = Path(out)
-    agreed(lambda: (check_writable(out_dir), check_writable(args.save_path_prefix,
-                                                            "--save_path_prefix")))
+    agreed(lambda: (check_resumable(args, out_dir), check_writable(out_dir),
+                    check_writable(args.save_path_prefix, "--save_path_prefix")))
     loaders = build_loaders(args.dataset, data_root=args.data_root, batch_size=args.batch_size,
                             eval_batch_size=args.eval_batch_size, num_workers=args.num_workers,
                             download=args.download, val_fraction=args.val_fraction, seed=args.seed,
@@ -92,6 +93,33 @@ def setup(args, importance_batch_size: Optional[int] = None,
     if dist.distributed:  # each process evaluates its own part of the test set
         loaders = shard_loaders(loaders, args.seed)
     return Context(args, dist.device, loaders, example, out_dir, dist, stream)
+
+
+def check_resumable(args, out_dir: Path) -> None:
+    """--resume needs something of this run on disk: the dense checkpoint (final or per-epoch)
+    or a checkpoint / record under the output folder. Otherwise it is most likely a mistyped
+    folder, and a silent fresh start could cost days; say so instead."""
+    if not getattr(args, "resume", False):
+        return
+    final, partial = dense_paths(args)
+    if final.exists() or partial.exists():
+        return
+    if out_dir.is_dir() and any(p.suffix in (".pth", ".json") for p in out_dir.rglob("*")
+                                if not p.name.startswith(".")):
+        return
+    raise UsageError(f"--resume: nothing to resume (no checkpoint {partial} or {final}, no "
+                     f"results under {out_dir}); check --output_dir/--save_path_prefix or run "
+                     "without --resume to start afresh")
+
+
+def reseed(ctx: Context) -> None:
+    """Every random stream back to --seed (global RNGs, the training loader's shuffling), so
+    what follows (pruning, then fine-tuning) is the same whether the dense network was trained
+    in this process, loaded, or this is a resumed run."""
+    seed_everything(ctx.args.seed)
+    gen = getattr(ctx.loaders.train, "generator", None)
+    if gen is not None:
+        gen.manual_seed(int(ctx.args.seed))
 
 
 def dense_paths(args):
@@ -196,20 +224,28 @@ def prune_model(ctx: Context, model: nn.Module, target: float, reference_macs: i
         if rel_target >= 1.0:
             return model, {"steps": 0, "seconds_estimating": 0.0, "seconds_pruning": 0.0}
         t0 = time.perf_counter()
-        batches = list(ctx.batches(args.iters_per_step))
+        batches = BatchSizes(list(ctx.batches(args.iters_per_step)))
         options = method_options(args, method, method.options + method.prune_options)
-        pruned, info = method.prune_to_target(
-            model, batches, loss_fn, ctx.example_inputs[:1], rel_target,
-            max_pruning_ratio=args.max_pruning_ratio, classifier=classifier, **options)
+        with out_of_memory_as_failure(args.importance_type, batches):
+            pruned, info = method.prune_to_target(
+                model, batches, loss_fn, ctx.example_inputs[:1], rel_target,
+                max_pruning_ratio=args.max_pruning_ratio, classifier=classifier, **options)
         check_same_model(pruned, f"{args.importance_type} pruning")
         total = time.perf_counter() - t0
         est = float(info.get("seconds_estimating", 0.0))
         return pruned, {"steps": 1, "seconds_estimating": est, "seconds_pruning": total - est,
                         "eigen_prune_ratio": info.get("prune_ratio")}
+    recal = recalibrator(ctx)
+
+    def after_step(model):
+        if recal is not None:
+            recal(model)
+        pause_point(f"pruning step {target:g}")  # a test interrupts here, between two steps
+
     report = prune_to_target(model, args.importance_type, ctx.batches, loss_fn,
                              ctx.example_inputs, prune_settings(args, target), [classifier],
                              reference_macs=reference_macs, original_widths=original_widths,
-                             progress=ctx.progress, recalibrate=recalibrator(ctx))
+                             progress=ctx.progress, recalibrate=after_step)
     return model, {"steps": report.steps, "seconds_estimating": report.seconds_estimating,
                    "seconds_pruning": report.seconds_pruning}
 
@@ -225,7 +261,7 @@ def prune_and_measure(ctx: Context, model: nn.Module, target: float, reference_m
     """Prune to `target`, then (with `measure`) test accuracy right after pruning, before and
     after re-estimating BatchNorm statistics (no weight changes either way); the second is what
     fine-tuning starts from. Returns (model, prune info)."""
-    seed_everything(ctx.args.seed)
+    reseed(ctx)
     ctx.batches.restart()
     model, info = prune_model(ctx, model, target, reference_macs, original_widths)
     model.to(ctx.device)

@@ -17,11 +17,14 @@ Two kinds of file:
 from __future__ import annotations
 
 import argparse
+import errno
+import glob
 import importlib
 import json
 import os
 import pickle
 import pickletools
+import shutil
 import sys
 import tempfile
 import warnings
@@ -31,6 +34,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+from utils.log import RunFailure
 
 FORMAT = "hessian-pruning/1"
 PRUNED_FORMAT = "hessian-pruning/pruned-2"
@@ -44,9 +49,51 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Delete `.<name>.*.tmp` left next to `path` by a writer that was killed (SIGKILL, power
+    loss) before it could clean up; one writer per path, so none of them is still being written."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
+def _disk_full(folder: Path) -> bool:
+    """Is (almost) no space left where `folder` is? Asked while the failed temp file still
+    takes its space."""
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _write_failure(path: Path, err: BaseException) -> Optional[RunFailure]:
+    """The one-line failure for a write that could not finish (full disk, quota, I/O error).
+    torch.save reports a failed write of its file as a RuntimeError of its zip writer
+    ("[enforce fail at inline_container.cc] unexpected pos ...", "file write failed")."""
+    if isinstance(err, OSError):
+        reason = err.strerror or str(err)
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT) or _disk_full(path.parent)
+    elif isinstance(err, RuntimeError) and any(
+            word in str(err) for word in ("inline_container", "PytorchStreamWriter", "write")):
+        reason = str(err).splitlines()[0]
+        full = _disk_full(path.parent)
+    else:
+        return None
+    if full:
+        return RunFailure(f"no space left on the device writing {path} (the previous file, if any, "
+                          "is unchanged); free space or pass another --output_dir")
+    return RunFailure(f"could not write {path} ({reason}; the previous file, if any, is "
+                      "unchanged); check the disk or pass another --output_dir")
+
+
 def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename over `path`: at every moment
+    `path` is the previous complete file or the new complete one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -54,11 +101,14 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        failure = _write_failure(path, err)  # before the temp file gives its space back
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if failure is not None:
+            raise failure from None
         raise
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable, List, Optional
 
@@ -43,7 +44,9 @@ def add_loading(g) -> None:
     g.add_argument("--eval_batch_size", type=int, default=None)
     g.add_argument("--num_workers", type=int, default=0)
     g.add_argument("--val_fraction", type=float, default=0.1,
-                   help="fraction of the training set held out to pick checkpoints")
+                   help="fraction of the training set held out to pick checkpoints, in [0, 1); "
+                        "0: no validation split, the last epoch is kept (digits: its split is "
+                        "fixed, and 0 leaves its validation part unused)")
 
 
 def add_outputs(g) -> None:
@@ -112,7 +115,8 @@ def add_run(p: argparse.ArgumentParser):
                    "(under torchrun every process uses GPU LOCAL_RANK)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue interrupted training / fine-tuning from the last epoch checkpoint")
+                   help="continue an interrupted run from its last complete checkpoint (an error when "
+                        "there is nothing to resume)")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bars")
@@ -241,6 +245,30 @@ def method_options(args, method, names=None) -> dict:
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
+# Counts every script validates before any work: flag dest -> smallest allowed value.
+_AT_LEAST = {"num_epochs": 0, "sl_num_epochs": 0, "epochs": 0, "ft_between_steps": 0,
+             "bn_recalibration_batches": 0, "num_workers": 0, "workers": 0,
+             "batch_size": 1, "eval_batch_size": 1, "importance_batch_size": 1,
+             "iterative_steps": 1, "iters_per_step": 1, "stop_after_epochs": 1}
+
+
+def parse(p: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse `argv` and refuse counts out of range (negative epochs, zero batch size or steps,
+    --val_fraction outside [0, 1)) with one line naming the flag, before anything runs."""
+    args = p.parse_args(argv)
+    flags = {a.dest: max(a.option_strings, key=len) for a in p._actions if a.option_strings}
+    for dest, least in _AT_LEAST.items():
+        value = getattr(args, dest, None)
+        if dest in flags and value is not None and value < least:
+            raise UsageError(f"{flags[dest]} must be at least {least}, got {value}; pass a value "
+                             f">= {least}")
+    vf = getattr(args, "val_fraction", None)
+    if vf is not None and not 0.0 <= vf < 1.0:  # NaN fails the comparison too
+        raise UsageError(f"--val_fraction must be in [0, 1), got {vf}; use e.g. 0.1, or 0 for no "
+                         "validation split (the last epoch is kept)")
+    return args
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -277,16 +305,33 @@ def _is_user_error(err: BaseException) -> bool:
     return isinstance(err, ValueError) and (mod in _OUR_PACKAGES or mod == "__main__")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` runs (temp files removed, logs
+    closed) and the last complete checkpoint stays as it is."""
+
+
+def _on_sigterm(signum, frame):
+    # A second SIGTERM while cleaning up kills at once, as the default does.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
 def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> None:
     """Run a script's main(); bad input -> one line on stderr and exit 2, a run-time failure
-    (utils.log.RunFailure) -> one line and exit 1, Ctrl-C -> exit 130."""
+    (utils.log.RunFailure) -> one line and exit 1, Ctrl-C -> exit 130, SIGTERM -> exit 143
+    (both after the `finally` blocks ran: no partial file is left, checkpoints are intact)."""
     prog = os.path.basename(sys.argv[0])
     from utils.distributed import cleanup
     try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a test runner's thread)
+        pass
+    try:
         code = main(argv)
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; run again with --resume to continue", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"\n{prog}: {what}; run again with --resume to continue", file=sys.stderr)
+        sys.exit(143 if isinstance(err, Terminated) else 130)
     except Exception as err:  # noqa: BLE001 - only our own user errors are turned into one line
         from utils.log import RunFailure
         if isinstance(err, RunFailure):

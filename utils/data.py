@@ -48,7 +48,22 @@ class DataError(ValueError):
     """A data problem the user can fix; the message is one line naming the problem and the fix."""
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+        message = str(message)
+        if "Original Traceback" in message and "DataError: " in message:
+            # re-raised by a DataLoader worker: keep the original one-line message
+            message = message.rsplit("DataError: ", 1)[1]
+        super().__init__(" ".join(message.split()))
+
+
+def read_image(path: str):
+    """An image file as an RGB PIL image; an unreadable (corrupt, truncated, not an image) file
+    is a DataError naming it."""
+    try:
+        return default_loader(path)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"cannot read image {path} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); "
+                        "replace or delete the file") from None
 
 
 @dataclass(frozen=True)
@@ -200,7 +215,7 @@ class ImageList(Dataset):
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        return default_loader(path), target
+        return read_image(path), target
 
 
 def split_train_val(num_samples: int, val_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
@@ -343,8 +358,17 @@ def _folder_bases(key: str, root: Path):
         if not folder.is_dir():
             raise DataError(f"{key} {role} folder {folder} not found (expected {layout}); "
                             f"set the folder in dataset.yaml or pass --data_root")
+    def has_images(folder):  # ImageFolder looks into sub-folders too (tiny_imagenet: <class>/images/)
+        return any(name.lower().endswith(IMG_EXTENSIONS)
+                   for _, _, names in os.walk(folder, followlinks=True) for name in names)
+
+    for entry in sorted(os.scandir(train_dir), key=lambda e: e.name):
+        if entry.is_dir() and not has_images(entry.path):
+            raise DataError(f"{key} class folder {entry.path} holds no images (expected "
+                            f"{', '.join(IMG_EXTENSIONS[:3])}...); add its images or remove the "
+                            "folder (and the same class from val/)")
     try:
-        train = tv_datasets.ImageFolder(str(train_dir))
+        train = tv_datasets.ImageFolder(str(train_dir), loader=read_image)
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"{key} training folder {train_dir} has no usable class folders or images "
                         f"({str(err).splitlines()[0]}); expected {layout}")
@@ -453,7 +477,8 @@ def build_loaders(dataset: str, data_root: Optional[os.PathLike] = None, batch_s
 
     The validation split is `val_fraction` of the training set chosen by `seed` and read with
     the eval transform; `digits` instead has a fixed 60/15/25 train/val/test split that does not
-    depend on `seed` or `val_fraction`. The train loader shuffles with its own generator seeded
+    depend on `seed` or `val_fraction` (except that `val_fraction` 0 means no validation split
+    for every dataset: `val` is None and training keeps its last epoch). The train loader shuffles with its own generator seeded
     by `seed` (same seed, same order) and drops a last partial batch when there is more than
     one batch (a lone sample would break BatchNorm in training mode).
     image_size: ImageNet crop size (default 224);
@@ -475,7 +500,7 @@ def build_loaders(dataset: str, data_root: Optional[os.PathLike] = None, batch_s
     if key == "digits":
         train_base, val_base, test_base = _digits_bases()
         train_set = TransformedSubset(train_base, range(len(train_base)), train_tf)
-        val_set = TransformedSubset(val_base, range(len(val_base)), eval_tf)
+        val_set = TransformedSubset(val_base, range(len(val_base)), eval_tf) if val_fraction > 0 else None
         test_set = TransformedSubset(test_base, range(len(test_base)), eval_tf)
         num_classes = info.num_classes
     else:

@@ -47,12 +47,7 @@ def check_args(args, device: torch.device) -> None:
     train_config(args).check(device, has_val=False)  # the recipe's own checks, up front
     if args.sync_bn and dist_utils.is_distributed() and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop it")
-    for flag, value, least in (("--epochs", args.epochs, 0), ("--batch-size", args.batch_size, 1),
-                               ("--workers", args.workers, 0)):
-        if value < least:
-            raise UsageError(f"{flag} must be at least {least}, got {value}")
-    if args.stop_after_epochs is not None and args.stop_after_epochs < 1:
-        raise UsageError("--stop_after_epochs must be at least 1")
+    # counts (--epochs, --batch-size, --workers, --stop_after_epochs) are checked by cli.parse
 
 
 def load_network(args, p: Paths):

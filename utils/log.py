@@ -1,7 +1,9 @@
 """Messages for the user that must not be lost and must not repeat."""
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 _said = set()
 
@@ -20,3 +22,16 @@ def warn_once(key: str, message: str) -> None:
     from .distributed import is_main
     if is_main():
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+PAUSE_ENV = "HESSIAN_PRUNING_PAUSE_AT"
+
+
+def pause_point(name: str) -> None:
+    """Test hook: when the environment variable HESSIAN_PRUNING_PAUSE_AT equals `name`, say
+    `paused at <name>` on stderr and wait (up to a minute), so a test can interrupt the run at
+    that known moment. Does nothing otherwise."""
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    print(f"paused at {name}", file=sys.stderr, flush=True)
+    time.sleep(60)
