@@ -247,7 +247,7 @@ def prune_model(ctx: Context, model: nn.Module, target: float, reference_macs: i
                              reference_macs=reference_macs, original_widths=original_widths,
                              progress=ctx.progress, recalibrate=after_step)
     return model, {"steps": report.steps, "seconds_estimating": report.seconds_estimating,
-                   "seconds_pruning": report.seconds_pruning}
+                   "seconds_pruning": report.seconds_pruning, "layers_left_alone": report.left_alone}
 
 
 def test_metrics(ctx: Context, model: nn.Module) -> dict:
@@ -345,7 +345,7 @@ def pruned_record(ctx: Context, model: nn.Module, target: float, dense: dict,
                      or v is None},
     }
     for key in ("test_acc_pruned", "test_acc_pruned_stale_bn", "test_top5_pruned",
-                "test_loss_pruned", "eigen_prune_ratio"):
+                "test_loss_pruned", "eigen_prune_ratio", "layers_left_alone"):
         if key in prune_info:
             record[key] = prune_info[key]
     return record

@@ -150,8 +150,10 @@ def test_local_checkpoint_dicts(tmp_path):
     wrapped = {"module." + k: v for k, v in source.state_dict().items()}
     torch.save({"state_dict": wrapped, "epoch": 3}, tmp_path / "ckpt.pth")
     _assert_same_weights(get_model("vgg11", 10, weights=str(tmp_path / "ckpt.pth")), source)
+    # a pickled module is never unpickled (loading would run code from the file): one line
     torch.save({"model": source, "acc": 0.5}, tmp_path / "whole.pth")
-    _assert_same_weights(get_model("vgg11", 10, weights=str(tmp_path / "whole.pth")), source)
+    with pytest.raises(ModelError, match="convert it once"):
+        get_model("vgg11", 10, weights=str(tmp_path / "whole.pth"))
 
 
 def test_local_file_with_other_head_keeps_fresh_classifier(tmp_path):

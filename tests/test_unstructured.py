@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models import get_classifier, get_model
 from pruners import unstructured as us
-from pruners.registry import Method, register
+from pruners.registry import Method
 from utils.data import BatchStream
 
 from test_scripts import assert_one_line_error, run
@@ -237,10 +237,11 @@ def _stepwise_scores(model, batches, loss_fn):
     return {"0.weight": torch.tensor([table[len(_CALLS) - 1]]), "0.bias": torch.zeros(1)}
 
 
-register(Method("_StepwiseTest", _stepwise_scores, needs_data=False))
-
-
-def test_scores_start_from_zero_every_step(tmp_path):
+def test_scores_start_from_zero_every_step(tmp_path, monkeypatch):
+    from pruners import registry
+    registry.available_methods()  # load the real table first; the stub lives for this test only
+    monkeypatch.setitem(registry._METHODS, "_StepwiseTest",
+                        Method("_StepwiseTest", _stepwise_scores, needs_data=False))
     _CALLS.clear()
     model = nn.Sequential(nn.Linear(4, 1))
     with torch.no_grad():
