@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_imagenet_folder
+from helpers import write_imagenet_folder
 from utils.data import DataError, build_loaders
 
 REPO = Path(__file__).resolve().parent.parent

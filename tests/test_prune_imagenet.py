@@ -1,35 +1,21 @@
 """prune_imagenet.py on tiny ImageNet-format folders: pretrained weights in, pruned network and
 record out, never any training; its bad input is one line."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
+from helpers import assert_one_line_error, run_script
 from models import get_model
 from utils.checkpoint import load_pruned_model
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = ["--image_size", "32", "--iterative_steps", "2", "--iters_per_step", "2", "--batch_size", "6",
         "--bn_recalibration_batches", "2", "--device", "cpu", "--no-progress"]
 
 
 def run(*args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(REPO / "prune_imagenet.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    err = proc.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
+    return run_script("prune_imagenet.py", *args)
 
 
 @pytest.fixture(scope="module")

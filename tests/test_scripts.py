@@ -1,12 +1,13 @@
 """End-to-end runs of the scripts on the embedded digits data, and their bad-input behaviour:
 one line on stderr, non-zero exit, no traceback, nothing on disk damaged."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import assert_one_line_error, run_script
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--num_epochs", "1", "--sl_num_epochs", "1", "--batch_size", "128", "--iterative_steps", "2",
@@ -14,18 +15,7 @@ FAST = ["--num_epochs", "1", "--sl_num_epochs", "1", "--batch_size", "128", "--i
 
 
 def run(script, *args, cwd=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    err = proc.stderr.strip()
-    assert "Traceback" not in err, err
-    assert len(err.splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
+    return run_script(script, *args, cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,14 @@
 """train_imagenet.py on CPU on a tiny ImageNet-format folder: single process, torchrun with two
 processes (gloo), interrupted-and-resumed runs, and bad input."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = str(REPO / "train_imagenet.py")
+from helpers import assert_one_line_error, run_script, write_imagenet_folder
+
 FAST = ["--image_size", "32", "--workers", "0", "--device", "cpu", "--no-progress",
         "--no-tensorboard", "--lr", "0.01"]
 # Recipe options whose state must survive an interruption (optimiser moments, warm-up + cosine
@@ -24,19 +20,8 @@ METRICS = ("train_loss", "train_acc", "lr", "test_loss", "test_top1", "test_top5
 
 
 def run(*args, procs=1):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable])
-    return subprocess.run(launcher + [SCRIPT, *args], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=REPO)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    err = proc.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
+    return run_script("train_imagenet.py", *args, procs=procs, env={"OMP_NUM_THREADS": "1"},
+                      timeout=600)
 
 
 def history(save_dir, name="pruned_model"):
@@ -46,23 +31,14 @@ def history(save_dir, name="pruned_model"):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """3 classes x 8 training + 4 val PNGs of 40x40 px, and a tiny ViT saved as a pruned model
+    """3 classes x 8 training + 4 val images of 40x40 px, and a tiny ViT saved as a pruned model
     (no BatchNorm: see test_two_processes_match_one)."""
-    from PIL import Image
     from torchvision.models.vision_transformer import VisionTransformer
 
     from utils.checkpoint import save_pruned_model
 
     root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for c in range(3):
-            d = root / "data" / split / f"n0000000{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                a = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
-                a[..., c] = np.clip(a[..., c].astype(int) + 60, 0, 255)  # a weak colour cue
-                Image.fromarray(a).save(d / f"img{i}.png")
+    write_imagenet_folder(root / "data", size=(40, 40))
     torch.manual_seed(0)
     vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
                             mlp_dim=32, num_classes=3)

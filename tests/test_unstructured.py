@@ -17,7 +17,8 @@ from pruners import unstructured as us
 from pruners.registry import Method
 from utils.data import BatchStream
 
-from test_scripts import assert_one_line_error, run
+from helpers import assert_one_line_error
+from test_scripts import run
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
