@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from models import get_classifier, get_model
 from utils.checkpoint import (FORMAT, CheckpointError, check_writable, load_checkpoint,
-                              load_pruned_model, load_state_into, save_atomic,
+                              load_pruned_model, load_state_into, remove_stale_temps, save_atomic,
                               save_pruned_model, write_json)
 from utils.cli import UsageError, default_milestones, method_options
 from utils.data import BatchStream, build_loaders, shard_loaders
@@ -79,6 +79,9 @@ def setup(args, importance_batch_size: Optional[int] = None,
     out_dir = Path(out)
     agreed(lambda: (check_resumable(args, out_dir), check_writable(out_dir),
                     check_writable(args.save_path_prefix, "--save_path_prefix")))
+    if args.resume and dist.is_main:
+        for folder in (out_dir, args.save_path_prefix):
+            remove_stale_temps(folder)
     loaders = build_loaders(args.dataset, data_root=args.data_root, batch_size=args.batch_size,
                             eval_batch_size=args.eval_batch_size, num_workers=args.num_workers,
                             download=args.download, val_fraction=args.val_fraction, seed=args.seed,

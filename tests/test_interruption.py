@@ -377,3 +377,20 @@ def test_iterative_interrupted_while_pruning_second_target(tmp_path):
     assert code == 0, log
     check_files(run, temps_allowed=False)
     assert records(run) == records(ref)
+
+
+def test_resume_sweeps_temp_files_of_killed_writes(tmp_path):
+    from utils.checkpoint import remove_stale_temps, write_json
+    (tmp_path / "ops_0.5").mkdir()
+    write_json({"a": 1}, tmp_path / "ops_0.5" / "results.json")
+    stale = [tmp_path / "ops_0.5" / ".results.json.killed.tmp", tmp_path / ".summary.json.x1.tmp",
+             tmp_path / ".pruned_model.pth.abc_12.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    keep = [tmp_path / "notes.tmp", tmp_path / ".hidden"]
+    for path in keep:
+        path.write_bytes(b"theirs")
+    remove_stale_temps(tmp_path)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in keep)
+    assert json.loads((tmp_path / "ops_0.5" / "results.json").read_text()) == {"a": 1}

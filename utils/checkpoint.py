@@ -59,6 +59,15 @@ def _remove_stale_temps(path: Path) -> None:
             pass
 
 
+def remove_stale_temps(folder) -> None:
+    """Delete every `.<name>.*.tmp` of a killed writer under `folder`: a resumed run owns its
+    folders, and a finished target it skips is never written again to clean its own."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for stale in folder.rglob(".*.*.tmp"):
+            _remove_stale_temps(stale.parent / stale.name[1:].rsplit(".", 2)[0])
+
+
 def _disk_full(folder: Path) -> bool:
     """Is (almost) no space left where `folder` is? Asked while the failed temp file still
     takes its space."""
