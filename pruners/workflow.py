@@ -116,13 +116,15 @@ def check_resumable(args, out_dir: Path) -> None:
 
 
 def reseed(ctx: Context) -> None:
-    """Every random stream back to --seed (global RNGs, the training loader's shuffling), so
-    what follows (pruning, then fine-tuning) is the same whether the dense network was trained
-    in this process, loaded, or this is a resumed run."""
+    """Every random stream back to --seed (global RNGs, the training loader's shuffling, the
+    importance batches), so what follows (pruning, then fine-tuning) is the same whether the dense
+    network was trained in this process, loaded, or this is a resumed run, and whatever targets
+    came before."""
     seed_everything(ctx.args.seed)
     gen = getattr(ctx.loaders.train, "generator", None)
     if gen is not None:
         gen.manual_seed(int(ctx.args.seed))
+    ctx.batches.restart()
 
 
 def dense_paths(args):
@@ -265,7 +267,6 @@ def prune_and_measure(ctx: Context, model: nn.Module, target: float, reference_m
     after re-estimating BatchNorm statistics (no weight changes either way); the second is what
     fine-tuning starts from. Returns (model, prune info)."""
     reseed(ctx)
-    ctx.batches.restart()
     model, info = prune_model(ctx, model, target, reference_macs, original_widths)
     model.to(ctx.device)
     stale = test_metrics(ctx, model) if measure else None
