@@ -49,6 +49,9 @@ def compute() -> dict:
 if __name__ == "__main__":
     init_distributed("cpu")
     out = compute()
+    # every criterion scored every process's network; the comparison itself is the test's
+    assert set(out) == set(CRITERIA) | {"batchnorm"}, sorted(out)
+    assert all(torch.isfinite(v).all() for scores in out.values() for v in scores.values())
     gathered = [None] * int(os.environ.get("WORLD_SIZE", "1"))
     torch.distributed.all_gather_object(gathered, out)
     if is_main():
