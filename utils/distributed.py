@@ -218,8 +218,15 @@ def check_same_model(model: nn.Module, what: str, rtol: float = 1e-5) -> None:
         raise DistributedError(f"processes disagree on the network's weights after {what} "
                                f"(checksums {[round(p['checksum'], 6) for p in prints]}); make "
                                "sure every process runs the same code, data and --seed")
+    broadcast_from_main(model.state_dict().values())
+
+
+def broadcast_from_main(tensors) -> None:
+    """Overwrite each tensor, in place, with rank 0's value."""
+    if not is_distributed():
+        return
     with torch.no_grad():
-        for v in model.state_dict().values():
+        for v in tensors:
             buf = v.detach().to(_comm_device())
             dist.broadcast(buf, src=0)
             if buf.data_ptr() != v.data_ptr():

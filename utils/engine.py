@@ -288,15 +288,7 @@ def build_ema(model: nn.Module, cfg: TrainConfig, global_batch: int) -> torch.op
 def _sync_buffers(model: nn.Module) -> None:
     """Make every process hold rank 0's buffers (BatchNorm running statistics): with DDP each
     process updates them from its own batches, and evaluation and checkpoints must agree."""
-    if not dist_utils.is_distributed():
-        return
-    import torch.distributed as dist
-    comm = dist_utils._comm_device()
-    with torch.no_grad():
-        for b in model.buffers():
-            buf = b.detach().to(comm, copy=True)
-            dist.broadcast(buf, src=0)
-            b.copy_(buf.to(b.device))
+    dist_utils.broadcast_from_main(model.buffers())
 
 
 def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
