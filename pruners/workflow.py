@@ -321,7 +321,8 @@ def prune_and_finetune(ctx: Context, model: nn.Module, target: float, dense: dic
     ft = finetune(ctx, model, tdir, desc=f"fine-tune ops {target:g}")
     final = test_metrics(ctx, model)
     record = pruned_record(ctx, model, target, dense, prune_info)
-    record.update(test_acc_finetuned=final["top1"], test_top5_finetuned=final["top5"],
+    record.update(layer_keep_fraction=layer_keep_fraction(model, original_widths),
+                  test_acc_finetuned=final["top1"], test_top5_finetuned=final["top5"],
                   val_acc_finetuned_best=ft["best_val_acc"], seconds_finetune=ft["seconds"])
     save_pruned_model(model, tdir / "pruned_model.pth", results=record, **model_identity(ctx))
     write_json(record, tdir / "results.json")
@@ -353,6 +354,22 @@ def pruned_record(ctx: Context, model: nn.Module, target: float, dense: dict,
         if key in prune_info:
             record[key] = prune_info[key]
     return record
+
+
+def layer_keep_fraction(model: nn.Module, original_widths: Dict) -> Dict[str, float]:
+    """{layer: fraction of its original output channels kept}, in network order. A layer that
+    EigenDamage turned into a bottleneck counts the width of its core (the kept eigenbasis)."""
+    fractions = {}
+    modules = dict(model.named_modules())
+    for name, widths in original_widths.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        module = getattr(module, "core", module)
+        kept = getattr(module, "out_channels", getattr(module, "out_features", None))
+        if kept is not None:
+            fractions[name] = kept / widths["out"]
+    return fractions
 
 
 def dense_record(ctx: Context, model: nn.Module, measure: bool = True) -> dict:

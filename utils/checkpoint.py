@@ -130,6 +130,11 @@ def write_json(obj: Any, path) -> None:
     _atomic_write(Path(path), lambda f: f.write(data + b"\n"))
 
 
+def write_text(text: str, path) -> None:
+    data = text.encode()
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
 # ----------------------------------------------------------------------------- safe reading
 
 def _numpy_array_globals() -> list:
