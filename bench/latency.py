@@ -152,7 +152,8 @@ def grid_variants(grid: Path, setup: Setup) -> List[Variant]:
                 setup.dense_checkpoint = _resolve(setup.dense_checkpoint, grid.parent)
         setup.dataset = setup.dataset or cell.get("dataset")
         target = cell.get("target")
-        variants.append(Variant(f"{cell.get('criterion')} {target:g} s{cell.get('seed')}",
+        shown = f"{target:g}" if isinstance(target, (int, float)) else target
+        variants.append(Variant(f"{cell.get('criterion')} {shown} s{cell.get('seed')}",
                                 _pruned_loader(path), cell.get("criterion"), target,
                                 cell.get("seed")))
     return variants

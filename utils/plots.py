@@ -205,7 +205,7 @@ def series(cells: Iterable[dict], x: Callable[[dict], object],
     acc: Dict[str, Dict[float, List[Tuple[float, float]]]] = {}
     for c in cells:
         xv, yv = x(c), y(c)
-        if _finite(xv) and _finite(yv):
+        if _finite(xv) and _finite(yv) and _finite(c.get("target")):
             acc.setdefault(str(c.get("criterion")), {}).setdefault(
                 _tkey(c["target"]), []).append((float(xv), float(yv)))
     out = {}
