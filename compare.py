@@ -9,6 +9,12 @@ Flags after `--` go to the pruning script of --mode unchanged (train_prune.py fo
 iterative_prune.py for iterative, train_unstructured_prune.py for unstructured, where the targets
 are weight densities); without them the scripts' own (published) defaults apply.
 
+--variants turns the grid into an ablation: each `label='flags'` adds those flags to the cells of
+every criterion, as a series of its own named <criterion>@<label>:
+
+    python compare.py --model resnet32 --criteria OBA --targets 0.2 --seeds 0 \
+        --variants base= eval='--score_mode eval' nonorm='--normalizer none' -- --sl_num_epochs 0
+
 The dense network is trained once (in <output_dir>/dense/, resumable) and shared by every cell;
 Slim gets its own, trained with --sparsity_l1 --slim_l1. A cell is one (criterion, target, seed)
 and lives in <output_dir>/cells/<criterion>/seed<k>/; a finished cell (its results.json exists)
@@ -20,6 +26,8 @@ import argparse
 import csv
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -37,7 +45,7 @@ SCRIPTS = {"oneshot": "train_prune.py", "iterative": "iterative_prune.py",
 # The runner sets these itself; passing them after `--` would split the grid's bookkeeping.
 OWN_FLAGS = ("--dataset", "--model", "--importance_type", "--seed", "--output_dir", "--ops_ratios",
              "--pruning_ratio", "--save_path_prefix", "--resume", "--no-resume", "--sparsity_l1")
-CSV_COLUMNS = ("model", "dataset", "mode", "criterion", "target", "seed", "status", "error",
+CSV_COLUMNS = ("model", "dataset", "mode", "criterion", "importance_type", "variant_flags", "target", "seed", "status", "error",
                "achieved_ops_ratio", "achieved_params_ratio", "achieved_density", "test_acc_dense",
                "test_acc_pruned", "test_acc_finetuned", "test_loss_pruned", "seconds_importance",
                "seconds_finetune", "wall_seconds", "result_path")
@@ -64,6 +72,9 @@ def parse(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="cells run at the same time")
     p.add_argument("--slim_l1", type=float, default=1e-4,
                    help="L1 on BatchNorm scales for Slim's own dense network")
+    p.add_argument("--variants", nargs="+", default=None, metavar="LABEL=FLAGS",
+                   help="ablation: every criterion once per variant, with FLAGS added to its cells "
+                        "(e.g. base= eval='--score_mode eval')")
     p.add_argument("--retry_failed", action="store_true", help="run failed cells again")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=False,
@@ -96,15 +107,32 @@ def check(args) -> None:
                              "--seeds --output_dir)")
     if args.output_dir is None:
         args.output_dir = f"outputs/compare/{args.dataset}_{args.model}_{args.mode}"
+    args.series = series_of(args)
+
+
+def series_of(args) -> dict:
+    """{series name: (importance type, extra script flags)}, in the order the table lists them."""
+    if not args.variants:
+        return {c: (c, []) for c in args.criteria}
+    variants = {}
+    for spec in args.variants:
+        label, sep, flags = spec.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.+-]+", label) or label in variants:
+            raise cli.UsageError(f"--variants '{spec}': give LABEL=FLAGS with a distinct label of "
+                                 "letters, digits, _ . + - (e.g. eval='--score_mode eval')")
+        variants[label] = shlex.split(flags)
+        if any(a.split("=")[0] in OWN_FLAGS for a in variants[label]):
+            raise cli.UsageError(f"--variants '{spec}' sets a flag compare.py sets itself")
+    return {f"{c}@{label}": (c, flags) for c in args.criteria for label, flags in variants.items()}
 
 
 # ----------------------------------------------------------------------------- the dense network
 
-def base_args(args, criterion: str):
+def base_args(args, criterion: str, extra=()):
     """The parsed settings of one script run (validates the flags after `--` before anything
     runs, with the scripts' own one-line errors)."""
     out = Path(args.output_dir)
-    argv = list(args.script_args) + [
+    argv = list(args.script_args) + list(extra) + [
         "--dataset", args.dataset, "--model", args.model, "--importance_type", criterion,
         "--save_path_prefix", str(out / "dense"), "--output_dir", str(out / "dense")]
     if criterion == "Slim":
@@ -123,8 +151,8 @@ def prepare_dense(args) -> None:
     so that parallel cells never race to train it."""
     from pruners import workflow
     wanted = {}
-    for criterion in args.criteria:  # one dense network per checkpoint stem
-        dargs = base_args(args, criterion)
+    for criterion, extra in args.series.values():  # one dense network per checkpoint stem
+        dargs = base_args(args, criterion, extra)
         wanted.setdefault(workflow.dense_paths(dargs)[0], dargs)
     for final, dargs in wanted.items():
         if final.exists():
@@ -161,17 +189,18 @@ def pending(args, criterion: str, seed: int) -> list:
     return todo
 
 
-def command(args, criterion: str, seed: int, targets: list) -> tuple:
-    """(argv, output folder) of one script process covering `targets` of a (criterion, seed)."""
-    out = cell_dir(args, criterion, seed)
+def command(args, name: str, seed: int, targets: list) -> tuple:
+    """(argv, output folder) of one script process covering `targets` of a (series, seed)."""
+    criterion, extra = args.series[name]
+    out = cell_dir(args, name, seed)
     script = SCRIPTS[args.mode]
     if args.mode == "unstructured":  # one density per process, each in its own folder
-        out = target_dir(args, criterion, seed, targets[0])
+        out = target_dir(args, name, seed, targets[0])
         spec = ["--pruning_ratio", f"{targets[0]:g}"]
     else:  # iterative: always the whole chain; finished targets are skipped by --resume
         chain = args.targets if args.mode == "iterative" else targets
         spec = ["--ops_ratios"] + [f"{t:g}" for t in chain]
-    argv = [sys.executable, str(ROOT / script), *args.script_args, "--dataset", args.dataset,
+    argv = [sys.executable, str(ROOT / script), *args.script_args, *extra, "--dataset", args.dataset,
             "--model", args.model, "--importance_type", criterion, "--seed", str(seed),
             "--save_path_prefix", str(Path(args.output_dir) / "dense"), "--output_dir", str(out),
             *spec, "--no-progress"]
@@ -185,7 +214,7 @@ def command(args, criterion: str, seed: int, targets: list) -> tuple:
 def jobs_of(args) -> list:
     """One job per process to start: (criterion, seed, targets it covers)."""
     jobs = []
-    for criterion in args.criteria:
+    for criterion in args.series:
         for seed in args.seeds:
             todo = pending(args, criterion, seed)
             if not todo:
@@ -268,8 +297,10 @@ def run_cells(args) -> None:
 # ----------------------------------------------------------------------------- results
 
 def cell_row(args, criterion, seed, target) -> dict:
+    importance, extra = args.series[criterion]
     row = {"model": args.model, "dataset": args.dataset, "mode": args.mode, "criterion": criterion,
-           "target": target, "seed": seed}
+           "importance_type": importance, "variant_flags": " ".join(extra), "target": target,
+           "seed": seed}
     path = target_dir(args, criterion, seed, target) / "results.json"
     if not path.exists():
         failed = failure_path(args, criterion, seed, target)
@@ -299,7 +330,7 @@ def cell_row(args, criterion, seed, target) -> dict:
 
 
 def collect(args) -> list:
-    return [cell_row(args, c, s, t) for c in args.criteria for t in args.targets for s in args.seeds]
+    return [cell_row(args, c, s, t) for c in args.series for t in args.targets for s in args.seeds]
 
 
 def write_results(args, rows) -> None:
@@ -328,8 +359,8 @@ def main(argv=None):
     args = parse(argv)
     out = Path(args.output_dir)
     from utils.checkpoint import check_writable
-    for criterion in args.criteria:  # the flags after `--`, checked before anything is written
-        base_args(args, criterion)
+    for criterion, extra in args.series.values():  # flags checked before anything is written
+        base_args(args, criterion, extra)
     check_writable(out, "--output_dir")
     prepare_dense(args)
     run_cells(args)

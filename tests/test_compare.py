@@ -49,7 +49,17 @@ def test_grid_writes_csv_table_plots_and_skips_finished_cells(tmp_path):
     assert {p.stem for p in pngs} == {p.stem for p in (out / "plots").glob("*.svg")}
     # all four cells came from one shared dense network
     assert len({c["test_acc_dense"] for c in cells}) == 1
-    assert len(list((out / "dense").glob("*.pth"))) == 1
+    assert [p.name for p in (out / "dense").glob("*.pth") if ".train." not in p.name] == [
+        "digits_resnet8.pth"]
+    # the plotted points are the CSV's numbers (one seed: the points are the cells themselves)
+    from utils.plots import build_figures, load_rows
+    fig = build_figures(load_rows(out))["accuracy_finetuned"]
+    plotted = {bars.get_label(): sorted(zip(bars.lines[0].get_xdata(), bars.lines[0].get_ydata()))
+               for bars in fig.axes[0].containers}
+    for crit in ("Weight", "Taylor"):
+        expected = sorted((float(r["achieved_ops_ratio"]), float(r["test_acc_finetuned"]))
+                          for r in rows if r["criterion"] == crit)
+        assert plotted[crit] == pytest.approx(expected)
 
     before = mtimes(out)
     again = run_script("compare.py", *grid(out))
@@ -60,12 +70,15 @@ def test_grid_writes_csv_table_plots_and_skips_finished_cells(tmp_path):
 
 
 def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):
+    """An ablation grid (two variants of one criterion) killed with SIGKILL after its first cell:
+    the re-run finishes the rest and leaves the finished cell alone."""
     out = tmp_path / "grid"
-    argv = [sys.executable, str(REPO / "compare.py"),
-            *grid(out, "--no-plots", criteria=("Weight", "Random"), targets=("0.7",))]
-    runner = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    args = grid(out, "--no-plots", "--variants", "base=", "nonorm=--normalizer none",
+                criteria=("Weight",), targets=("0.7",))
+    runner = subprocess.Popen([sys.executable, str(REPO / "compare.py"), *args], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-    first = out / "cells" / "Weight" / "seed0" / "ops_0.7" / "results.json"
+    first = out / "cells" / "Weight@base" / "seed0" / "ops_0.7" / "results.json"
     deadline = time.time() + 600
     while not first.exists() and time.time() < deadline and runner.poll() is None:
         time.sleep(0.2)
@@ -75,13 +88,17 @@ def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):
     runner.wait(timeout=60)
     done = first.stat().st_mtime_ns
 
-    proc = run_script("compare.py", *grid(out, "--no-plots", criteria=("Weight", "Random"),
-                                           targets=("0.7",)))
+    proc = run_script("compare.py", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "start: Weight" not in proc.stdout
+    assert "start: Weight@base" not in proc.stdout
     assert first.stat().st_mtime_ns == done
     rows = json.loads((out / "results.json").read_text())
-    assert [r["status"] for r in rows] == ["done", "done"]
+    assert [(r["criterion"], r["status"]) for r in rows] == [("Weight@base", "done"),
+                                                           ("Weight@nonorm", "done")]
+    assert rows[1]["variant_flags"] == "--normalizer none"
+    nonorm = json.loads(Path(rows[1]["result_path"]).read_text())
+    assert nonorm["settings"]["normalizer"] == "none"
+    assert json.loads(first.read_text())["settings"]["normalizer"] == "max"
 
 
 def test_failed_cell_is_recorded_and_not_retried(tmp_path):
@@ -102,6 +119,8 @@ def test_failed_cell_is_recorded_and_not_retried(tmp_path):
     (["--criteria", "Nope"], ["Nope"]),
     (["--targets", "1.5"], ["--targets", "1.5"]),
     (["--jobs", "0"], ["--jobs"]),
+    (["--variants", "a b=--normalizer none"], ["--variants"]),
+    (["--variants", "x=--normalizer"], ["--normalizer"]),
     (["--", "--seed", "3"], ["--seed", "compare.py"]),
     (["--", "--num_epochs", "-1"], ["--num_epochs"]),
 ])
