@@ -4,6 +4,7 @@ a different seed changes what is sampled (Random's scores, the true Fisher's lab
 equalities are not vacuous; `--deterministic` sets torch's switches and changes no CPU result."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -135,7 +136,6 @@ def test_deterministic_flag_sets_torch_state_and_changes_no_cpu_result(dense, tm
         s1, m1, r1 = _scores_and_pruned(args, dense)
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        import os
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(before[0])
@@ -146,6 +146,21 @@ def test_deterministic_flag_sets_torch_state_and_changes_no_cpu_result(dense, tm
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     _assert_same_state(m1, m2)
     assert r1 == r2
+
+
+@pytest.mark.parametrize("script", ["train_prune.py", "iterative_prune.py", "prune_imagenet.py",
+                                    "train_imagenet.py", "train_unstructured_prune.py"])
+def test_every_script_offers_deterministic(script, capsys):
+    import importlib.util
+    from helpers import REPO
+    spec = importlib.util.spec_from_file_location(f"script_{script[:-3]}", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--deterministic" in out and "--no-deterministic" in out
 
 
 # ----------------------------------------------------------------------------- whole script

@@ -64,10 +64,9 @@ def _brute_force_factors(model, conv, batches):
             positions += a.shape[0]
             examples += 1
     A, S = A / positions, S / examples
-    eye = torch.eye
 
-    def damp(m):
-        return m + DAMPING * torch.diagonal(m).mean() * eye(m.shape[0])
+    def damp(m):  # relative to the factor's mean diagonal (the convention of kfac.damped)
+        return m + DAMPING * torch.diagonal(m).mean() * torch.eye(m.shape[0])
     return damp(A), damp(S)
 
 
