@@ -537,39 +537,61 @@ class StructuredPruner:
         return plan
 
     def apply(self, plan, compensate: Optional[Callable] = None, state: Optional[dict] = None):
+        """Remove what `plan_step` chose; returns the number of units removed. `compensate`
+        (Kron-OBS's weight update) runs on each unit's layers just before that unit is removed,
+        and only then: a group torch-pruning refuses (its check fails, or its surgery raises)
+        keeps its weights exactly as they were."""
         channel_plan = [item for item in plan if not isinstance(item[0], AttentionSlot)]
         attention_plan = [item for item in plan if isinstance(item[0], AttentionSlot)]
-        if compensate is not None:
-            outputs = {}
-            for slot, count in attention_plan:
-                for layer, rows in slot.removed_rows(count).items():
-                    outputs.setdefault(layer, set()).update(rows)
-            for module, handler, idxs in channel_plan:
-                with _tolerant_index_mapping([]):
-                    group = self.DG.get_pruning_group(module, handler, idxs)
-                for dep, layer_idxs in group:
-                    if self.DG.is_out_channel_pruning_fn(dep.handler) and isinstance(
-                            dep.target.module, (nn.modules.conv._ConvNd, nn.Linear)):
-                        outputs.setdefault(dep.target.module, set()).update(int(i) for i in layer_idxs)
-            compensate(self.model, {m: sorted(v) for m, v in outputs.items()}, state or {})
         removed = 0
-        # Internal attention dims and hidden channels are disjoint index sets: order is free.
+        # Internal attention dims and hidden channels are disjoint index sets: order is free. Each
+        # layer's outputs belong to one unit, and the OBS update mixes only output rows of its own
+        # layer, so updating unit by unit equals one joint update before any removal.
         for slot, count in attention_plan:
+            if compensate is not None:
+                compensate(self.model, {layer: sorted(rows) for layer, rows
+                                        in slot.removed_rows(count).items()}, state or {})
             removed += slot.remove(count)
         for module, handler, idxs in channel_plan:
             with _tolerant_index_mapping([]):
                 group = self.DG.get_pruning_group(module, handler, idxs)
             if not self.DG.check_pruning_group(group):
                 continue
+            saved = {}
+            if compensate is not None:
+                outputs = self._removed_outputs(group)
+                saved = {m: [p.detach().clone() for p in m.parameters(recurse=False)]
+                         for m in outputs}
+                compensate(self.model, outputs, state or {})
             try:
                 group.prune()
             except Exception as err:  # noqa: BLE001 - a layer torch-pruning cannot cut
+                _restore(saved)
                 self.refused.add(module)
                 self._leave_alone(group, f"torch-pruning failed on it ({type(err).__name__}: {err})")
                 continue
             removed += len(idxs)
         refresh_width_attributes(self.model)
         return removed
+
+    def _removed_outputs(self, group) -> Dict[nn.Module, List[int]]:
+        """{conv / linear layer: its output rows that `group` removes}."""
+        outputs: Dict[nn.Module, Set[int]] = {}
+        for dep, layer_idxs in group:
+            if self.DG.is_out_channel_pruning_fn(dep.handler) and isinstance(
+                    dep.target.module, (nn.modules.conv._ConvNd, nn.Linear)):
+                outputs.setdefault(dep.target.module, set()).update(int(i) for i in layer_idxs)
+        return {m: sorted(v) for m, v in outputs.items()}
+
+
+def _restore(saved: Dict[nn.Module, List[torch.Tensor]]) -> None:
+    """Put back the parameters saved before a compensation whose removal then failed (those a
+    partial surgery already reshaped cannot be, and are left as they are)."""
+    with torch.no_grad():
+        for module, values in saved.items():
+            for p, value in zip(module.parameters(recurse=False), values):
+                if p.shape == value.shape:
+                    p.copy_(value)
 
 
 def prune_to_target(model: nn.Module, method_name: str, batches: Callable[[int], Iterable[Batch]],

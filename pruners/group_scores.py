@@ -171,7 +171,7 @@ class ScoreFolder:
                 continue
             if acc is None:
                 device = term.device
-                acc = torch.zeros(n, device=device)
+                acc = torch.zeros(n, device=device, dtype=term.dtype)  # not the default dtype
             acc.scatter_add_(0, torch.as_tensor(root_idxs, device=device), term)
             layers += 1
         if acc is None:

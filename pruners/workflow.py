@@ -31,7 +31,7 @@ from utils.data import BatchStream, build_loaders, shard_loaders
 from utils.distributed import (DistInfo, agreed, average_batchnorm_statistics, check_same_model,
                                env_world_size, init_distributed)
 from utils.engine import (TrainConfig, evaluate_metrics, recalibrate_batchnorm, seed_everything,
-                          train)
+                          train, use_deterministic_algorithms)
 from utils.flops import count_macs, count_params, format_count
 from utils.log import pause_point
 
@@ -72,6 +72,8 @@ def setup(args, importance_batch_size: Optional[int] = None,
     if env_world_size() > 1 and not multi_process:
         raise UsageError(f"{Path(sys.argv[0]).name} runs in one process; start it without torchrun "
                          "(prune_imagenet.py and train_imagenet.py share their work over processes)")
+    if getattr(args, "deterministic", False):
+        use_deterministic_algorithms()  # before init_distributed: CUDA work may start there
     dist = init_distributed(args.device)
     seed_everything(args.seed)
     out = args.output_dir or f"outputs/{args.dataset}_{args.model}" + (

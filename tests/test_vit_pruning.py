@@ -274,7 +274,10 @@ def test_prune_vit_to_target(method):
     # dim as well as MLP / attention dims, so every kind of unit must be ranked and removed.
     report = _prune(model, method, 0.5, max_pruning_ratio=0.5)
     macs = count_macs(model, torch.randn(1, 3, 32, 32))
-    assert report.macs_after == macs <= 0.5 * dense
+    assert report.macs_before == report.reference_macs == dense
+    assert report.macs_after == macs <= 0.5 * dense  # the target is reached...
+    assert 0 < report.ops_ratio <= 0.5 and report.steps >= 1  # ...by really pruning
+    assert report.params_after < report.params_before
     assert macs == _macs_by_hand(model)
     assert model.heads.head.out_features == CLASSES
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, CLASSES)
@@ -292,7 +295,11 @@ def test_prune_vit_to_target(method):
 
 def test_prune_heads_removes_whole_heads():
     model = tiny_vit()
-    _prune(model, "Taylor", 0.3, prune_heads=True)
+    dense = count_macs(model, torch.randn(1, 3, 32, 32))
+    report = _prune(model, "Taylor", 0.3, prune_heads=True)
+    macs = count_macs(model, torch.randn(1, 3, 32, 32))
+    assert report.macs_after == macs and 0 < macs <= 0.3 * dense
+    assert 0 < report.ops_ratio <= 0.3
     attentions = _attentions(model)
     assert any(m.num_heads < HEADS for m in attentions)
     assert all(m.qk_dim == HEAD_DIM and m.v_dim == HEAD_DIM for m in attentions)
@@ -303,10 +310,14 @@ def test_prune_heads_removes_whole_heads():
 @pytest.mark.parametrize("prune_heads", [False, True])
 def test_caps_respected(prune_heads):
     model = tiny_vit()
-    try:
+    dense = count_macs(model, torch.randn(1, 3, 32, 32))
+    # Every layer reaches its cap before 5 % of the MACs: the driver must say so, with the ratio
+    # it reached, and leave a working network pruned down to its caps.
+    with pytest.raises(TargetUnreachable, match="cannot be reached") as err:
         _prune(model, "Weight", 0.05, steps=3, max_pruning_ratio=0.5, prune_heads=prune_heads)
-    except TargetUnreachable:
-        pass  # expected: every layer reaches its cap first
+    reached = count_macs(model, torch.randn(1, 3, 32, 32)) / dense
+    assert 0.05 < reached < 1
+    assert f"stopped at MACs ratio {reached:.4f}" in str(err.value)
     for m in _attentions(model):
         assert m.num_heads >= 2 and m.qk_dim >= 4 and m.v_dim >= 4
         assert m.embed_dim >= HIDDEN // 2

@@ -109,11 +109,15 @@ def add_data_model(p: argparse.ArgumentParser, default_model: Optional[str] = "r
 
 
 def add_run(p: argparse.ArgumentParser):
-    """--device --seed --resume --tensorboard --progress; returns the group."""
+    """--device --seed --deterministic --resume --tensorboard --progress; returns the group."""
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N "
                    "(under torchrun every process uses GPU LOCAL_RANK)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="reproducible runs on CUDA as far as PyTorch allows (deterministic kernels, "
+                        "no cuDNN autotuning, CUBLAS_WORKSPACE_CONFIG=:4096:8); often slower. "
+                        "CPU runs are deterministic for a --seed without it")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue an interrupted run from its last complete checkpoint (an error when "
                         "there is nothing to resume)")

@@ -17,6 +17,7 @@ processes (exact, every sample counted once when loaders are sharded without pad
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def use_deterministic_algorithms() -> None:
+    """--deterministic: reproducible runs on CUDA too, as far as PyTorch allows. Deterministic
+    kernels (an op without one warns instead of stopping the run), cuDNN without autotuning, and
+    the cuBLAS workspace setting its deterministic mode needs; call it before any CUDA work (the
+    cuBLAS setting is read when its first handle is made). The CPU is deterministic without it."""
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def _numpy_state() -> tuple:

@@ -23,7 +23,7 @@ from .checkpoint import (CheckpointError, check_writable, load_checkpoint, load_
                          save_pruned_model, write_json)
 from .cli import UsageError, train_config
 from .data import Loaders, build_loaders, shard_loaders
-from .engine import evaluate_metrics, seed_everything, train
+from .engine import evaluate_metrics, seed_everything, train, use_deterministic_algorithms
 
 
 @dataclass
@@ -107,6 +107,8 @@ def check_resumable(args, p: Paths, arch: str) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "deterministic", False):
+        use_deterministic_algorithms()  # before any CUDA work
     return _run(args, dist_utils.init_distributed(args.device))
 
 
