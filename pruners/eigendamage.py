@@ -29,7 +29,6 @@ with shared bases) and turns it into a depthwise conv, with U and V folded into 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional, Tuple, Union
@@ -38,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from .kfac import (LayerStatistics, collect_kfac_statistics, is_kfac_layer, symmetric_eigh)
+from .limits import min_kept
 from .registry import Batch, ScoreDict
 
 LayerRef = Union[str, nn.Module, None]
@@ -286,10 +286,6 @@ def default_classifier(model: nn.Module) -> Optional[str]:
     return names[-1] if names else None
 
 
-def _min_keep(original: int, max_pruning_ratio: float) -> int:
-    return max(1, math.ceil((1.0 - max_pruning_ratio) * original - 1e-9))
-
-
 def _check_ratios(prune_ratio: float, max_pruning_ratio: float) -> None:
     if not 0.0 <= prune_ratio <= 1.0:
         raise EigenDamageError(f"prune ratio must lie in [0, 1] (got {prune_ratio})")
@@ -350,7 +346,7 @@ class _PrunePlan:
                 mask = torch.ones(len(values), dtype=torch.bool)
                 sel = (self.layer_ids == layer_id) & (self.sides == side) & removed
                 mask[self.indices[sel]] = False
-                floor = min(len(values), _min_keep(original, self.max_pruning_ratio))
+                floor = min(len(values), min_kept(original, self.max_pruning_ratio))
                 if int(mask.sum()) < floor:  # cap: keep the best `floor` directions
                     best = torch.argsort(values.double().cpu(), descending=True, stable=True)
                     mask[best[:floor]] = True
