@@ -284,6 +284,10 @@ def training_state(path, arch="resnet8", classes=3):
     return path
 
 
+# (the words, not just "truncated": the test's own folder name holds that word too)
+TRUNCATED = ["cannot be read", "it is truncated or not a checkpoint"]
+
+
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
@@ -374,7 +378,7 @@ def test_bad_pretrained_checkpoint(name, problem, disk, small_data, capsys):
         words = ["belongs to model 'vgg11'", "pass the matching --model"]
     else:
         truncate(dense_file(path))
-        words = ["truncated"]
+        words = TRUNCATED
     argv = folder_args(name, disk, small_data) + ["--pretrained", path]
     assert_refused(name, argv, capsys, disk, str(path), *words)
 
@@ -390,7 +394,7 @@ def test_resume_from_a_bad_training_state(name, problem, disk, small_data, capsy
         training_state(path, arch="vgg11")
     else:
         truncate(training_state(path))
-    words = ["truncated"] if problem == "truncated" else ["does not match this run's model",
+    words = TRUNCATED if problem == "truncated" else ["does not match this run's model",
                                                           "run without --resume"]
     argv = folder_args(name, disk, small_data) + ["--resume"]
     assert_refused(name, argv, capsys, disk, str(path), *words)
@@ -425,9 +429,9 @@ def test_train_imagenet_bad_model_file_or_newest(problem, disk, small_data, caps
         training_state(newest)
         truncate(newest)
         assert_refused("train_imagenet.py", argv + ["--resume"], capsys, disk, str(newest),
-                       "truncated")
+                       *TRUNCATED)
         truncate(source)
-        assert_refused("train_imagenet.py", argv, capsys, disk, str(source), "truncated")
+        assert_refused("train_imagenet.py", argv, capsys, disk, str(source), *TRUNCATED)
 
 
 def test_prune_imagenet_truncated_weights(disk, small_data, capsys):
@@ -436,7 +440,7 @@ def test_prune_imagenet_truncated_weights(disk, small_data, capsys):
     torch.save(get_model("resnet8", 3).state_dict(), weights)
     truncate(weights)
     argv = folder_args("prune_imagenet.py", disk, small_data, weights=weights)
-    assert_refused("prune_imagenet.py", argv, capsys, disk, str(weights), "truncated")
+    assert_refused("prune_imagenet.py", argv, capsys, disk, str(weights), *TRUNCATED)
 
 
 # --- an output folder that cannot be written, an empty class folder, a corrupt image
