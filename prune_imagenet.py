@@ -93,7 +93,8 @@ def finetune_command(args, name: str) -> str:
 
 def main(argv=None):
     args = parse(argv)
-    ctx = workflow.setup(args, importance_batch_size=args.importance_batch_size, multi_process=True)
+    ctx = workflow.setup(args, importance_batch_size=args.importance_batch_size, multi_process=True,
+                         output_flag="--save_dir")
     dense = workflow.load_pretrained(ctx)
     dense_info = workflow.dense_record(ctx, dense, measure=args.eval)
     widths = channel_widths(dense)

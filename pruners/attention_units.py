@@ -24,7 +24,6 @@ Costs are MACs per input, taken from the per-layer MACs of one forward pass.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -34,6 +33,7 @@ import torch.nn as nn
 from models.attention import SplitAttention
 
 from .group_scores import ScoreFolder, _fold, normalize
+from .limits import min_kept
 
 
 def attention_projections(model: nn.Module) -> List[nn.Module]:
@@ -84,11 +84,6 @@ class AttentionSlot:
         else:
             self.module.remove_v_dims(self._per_head(count))
         return count
-
-
-def _floor(original: int, cap: float) -> int:
-    """Fewest dims / heads a module may keep: at most `cap` of the original removed, at least 1."""
-    return max(1, math.ceil(original * (1.0 - cap) - 1e-9))
 
 
 class _RowScorer:
@@ -146,7 +141,7 @@ def _unit_costs(m: SplitAttention, layer_macs: Dict[nn.Module, float]) -> Option
 def _dims_slot(m, name, kind, per_row, cap, cost, normalizer) -> Optional[AttentionSlot]:
     width = m.qk_dim if kind == "qk" else m.v_dim
     original = m.original_qk_dim if kind == "qk" else m.original_v_dim
-    removable = width - _floor(original, cap)
+    removable = width - min_kept(original, cap)
     if per_row is None or removable <= 0:
         return None
     per_dim = normalize(per_row, normalizer).reshape(m.num_heads, width)
@@ -174,7 +169,7 @@ def attention_slots(model: nn.Module, folder: ScoreFolder, layer_macs: Dict[nn.M
         qk = scorer.mean(scorer.rows("q_proj"), scorer.rows("k_proj"))
         v = scorer.mean(scorer.rows("v_proj"), scorer.columns("out_proj"))
         if prune_heads:
-            removable = m.num_heads - _floor(m.original_num_heads, cap)
+            removable = m.num_heads - min_kept(m.original_num_heads, cap)
             per_head = [t.reshape(m.num_heads, -1) for t in (qk, v) if t is not None]
             if removable <= 0 or not per_head:
                 continue

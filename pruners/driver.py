@@ -27,7 +27,6 @@ units of one channel offset in every group, so every group keeps the same width.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from utils.flops import count_macs, count_params
 
 from .attention_units import AttentionSlot, attention_projections, attention_slots
 from .group_scores import ScoreFolder
+from .limits import min_kept
 from .registry import DEFAULT_SCORE_MODE, Batch, check_score_mode, get_method
 
 
@@ -475,7 +475,7 @@ class StructuredPruner:
             if name not in self.original_widths:
                 continue
             side = "out" if self.DG.is_out_channel_pruning_fn(dep.handler) else "in"
-            floor = max(floor, math.ceil(self.original_widths[name][side] * (1 - cap)))
+            floor = max(floor, min_kept(self.original_widths[name][side], cap))
         return floor
 
     def plan_step(self, folder: ScoreFolder, budget_macs: float, cap: float):

@@ -29,8 +29,8 @@ with shared bases) and turns it into a depthwise conv, with U and V folded into 
 from __future__ import annotations
 
 import copy
-import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
@@ -38,9 +38,16 @@ import torch
 import torch.nn as nn
 
 from .kfac import (LayerStatistics, collect_kfac_statistics, is_kfac_layer, symmetric_eigh)
+from .limits import min_kept
 from .registry import Batch, ScoreDict
 
 LayerRef = Union[str, nn.Module, None]
+
+# ALS sweeps and convergence threshold of the depthwise core's CP decomposition. On random 3×3
+# cores (8 to 64 channels) 1000 sweeps give the error of the earlier hand-written ALS to 3
+# digits; 100 stop up to 1 % higher.
+CP_ITERATIONS = 1000
+CP_TOLERANCE = 1e-10
 
 
 class EigenDamageError(ValueError):
@@ -286,8 +293,10 @@ def default_classifier(model: nn.Module) -> Optional[str]:
     return names[-1] if names else None
 
 
-def _min_keep(original: int, max_pruning_ratio: float) -> int:
-    return max(1, math.ceil((1.0 - max_pruning_ratio) * original - 1e-9))
+def _check_cp_rank(cp_rank: Optional[int]) -> None:
+    if cp_rank is not None and cp_rank < 1:
+        raise EigenDamageError(f"--cp_rank must be at least 1 (got {cp_rank}); leave it out for "
+                               "the larger of each core's kept input and output directions")
 
 
 def _check_ratios(prune_ratio: float, max_pruning_ratio: float) -> None:
@@ -350,7 +359,7 @@ class _PrunePlan:
                 mask = torch.ones(len(values), dtype=torch.bool)
                 sel = (self.layer_ids == layer_id) & (self.sides == side) & removed
                 mask[self.indices[sel]] = False
-                floor = min(len(values), _min_keep(original, self.max_pruning_ratio))
+                floor = min(len(values), min_kept(original, self.max_pruning_ratio))
                 if int(mask.sum()) < floor:  # cap: keep the best `floor` directions
                     best = torch.argsort(values.double().cpu(), descending=True, stable=True)
                     mask[best[:floor]] = True
@@ -383,7 +392,7 @@ def _build(basis: EigenLayer, form: _LayerForm, keep_in: torch.Tensor, keep_out:
     plain_params = _bottleneck_params(form, len(keep_in), len(keep_out), width_in, width_out, kernel)
 
     if depthwise and form.conv:
-        rank = cp_rank or max(len(keep_in), len(keep_out))
+        rank = cp_rank if cp_rank is not None else max(len(keep_in), len(keep_out))
         dw_params = rank * width_in + rank * kernel + width_out * rank + (
             0 if form.bias is None else width_out)
         if allow_growth or (dw_params <= plain_params and dw_params <= form.params):
@@ -448,6 +457,7 @@ def eigendamage_prune(model: nn.Module, stats: EigenStatistics, prune_ratio: flo
         parameters than the layer.
     """
     _check_ratios(prune_ratio, max_pruning_ratio)
+    _check_cp_rank(cp_rank)
     name = _resolve_name(model, classifier) if classifier is not None else default_classifier(model)
     plan = _PrunePlan(model, stats, name, max_pruning_ratio)
     n_remove = int(round(prune_ratio * plan.total))
@@ -478,6 +488,7 @@ def prune_to_macs_target(model: nn.Module, batches: Iterable[Batch], loss_fn: Ca
     if not 0.0 < target_ops_ratio <= 1.0:
         raise EigenDamageError(f"the FLOPs target must lie in (0, 1] (got {target_ops_ratio})")
     _check_ratios(0.0, max_pruning_ratio)
+    _check_cp_rank(cp_rank)
     name = _resolve_name(model, classifier) if classifier is not None else default_classifier(model)
     stats = collect_eigen_statistics(model, batches, loss_fn, fisher_type=fisher_type)
     start = time.perf_counter()
@@ -535,38 +546,26 @@ def prune_to_macs_target(model: nn.Module, batches: Iterable[Batch], loss_fn: Ca
 # ---------------------------------------------------------------------------------------------
 # CP decomposition for the depthwise core
 
-def cp_decompose(tensor: torch.Tensor, rank: int, iterations: int = 1000, tol: float = 1e-8,
-                 seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CP/PARAFAC by alternating least squares, in float64:
-    tensor[o, i, k] ≈ Σ_r V[o, r] U[i, r] D[k, r]. Returns (V, U, D).
-    Initialised from the leading singular vectors of each unfolding (deterministic)."""
+def cp_decompose(tensor: torch.Tensor, rank: int, n_iter_max: int = CP_ITERATIONS,
+                 tol: float = CP_TOLERANCE) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CP/PARAFAC of a 3-way tensor with tensorly's ALS (PyTorch backend, float64, on the
+    tensor's device): tensor[o, i, k] ≈ Σ_r V[o, r] U[i, r] D[k, r]. Returns (V, U, D).
+
+    Deterministic: SVD initialisation, and the columns beyond a mode's size (rank larger than
+    that mode) drawn from a fixed seed. Stops after `n_iter_max` sweeps or when the relative
+    reconstruction error changes by less than `tol` in one sweep."""
+    import tensorly as tl  # imported on use: only depthwise EigenDamage needs it
+    from tensorly.decomposition import parafac
+    if rank < 1:
+        raise EigenDamageError(f"the CP rank must be at least 1 (got {rank}); pass --cp_rank >= 1")
     x = tensor.double()
-    generator = torch.Generator().manual_seed(seed)
-
-    def init(unfolded: torch.Tensor) -> torch.Tensor:
-        u = torch.linalg.svd(unfolded, full_matrices=False)[0][:, :rank]
-        if u.shape[1] < rank:
-            extra = torch.randn(u.shape[0], rank - u.shape[1], generator=generator, dtype=x.dtype)
-            u = torch.cat([u, extra.to(x.device)], 1)
-        return u
-
-    # Mode unfoldings: x0[o, i·K+k], x1[i, o·K+k], x2[k, o·I+i].
-    x0 = x.reshape(x.shape[0], -1)
-    x1 = x.permute(1, 0, 2).reshape(x.shape[1], -1)
-    x2 = x.permute(2, 0, 1).reshape(x.shape[2], -1)
-    v, u, d = init(x0), init(x1), init(x2)
-
-    def khatri_rao(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return (p[:, None, :] * q[None, :, :]).reshape(-1, p.shape[1])
-
-    norm = x.norm().clamp_min(1e-300)
-    previous = None
-    for _ in range(iterations):
-        v = x0 @ khatri_rao(u, d) @ torch.linalg.pinv((u.t() @ u) * (d.t() @ d), hermitian=True)
-        u = x1 @ khatri_rao(v, d) @ torch.linalg.pinv((v.t() @ v) * (d.t() @ d), hermitian=True)
-        d = x2 @ khatri_rao(v, u) @ torch.linalg.pinv((v.t() @ v) * (u.t() @ u), hermitian=True)
-        error = float((x0 - v @ khatri_rao(u, d).t()).norm() / norm)
-        if error < 1e-13 or (previous is not None and previous - error <= tol * previous):
-            break  # exact, or no longer improving by a relative `tol` per sweep
-        previous = error
+    if not torch.any(x):  # nothing to fit (and ALS would divide by the zero norm)
+        return tuple(tensor.new_zeros(n, rank) for n in tensor.shape)
+    # The backend is set for this call only; whatever the caller uses stays in place.
+    with tl.backend_context("pytorch", local_threadsafe=True), warnings.catch_warnings():
+        # rank > a mode's size is expected here: that mode's extra columns start random
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+        weights, (v, u, d) = parafac(x, rank, n_iter_max=n_iter_max, init="svd", tol=tol,
+                                     random_state=0)
+    v = v * weights  # all ones without normalisation; folded in so the product is exact anyway
     return v.to(tensor.dtype), u.to(tensor.dtype), d.to(tensor.dtype)

@@ -208,6 +208,6 @@ KRON_OBS = register(Method("Kron-OBS", kron_obs_scores, in_channels=False, optio
                            description="filter: ½ θ_iᵀ A θ_i / [S⁻¹]_ii, with the OBS update"))
 EIGEN = register(Method("Eigen", _eigen_estimate, in_channels=False, options=("fisher_type",),
                         prune_to_target=_eigen_prune,
-                        prune_options=("fisher_type", "depthwise", "score_mode"),
+                        prune_options=("fisher_type", "depthwise", "cp_rank", "score_mode"),
                         description="EigenDamage; structured pruning re-parameterises layers "
                                     "(pruners.eigendamage.prune_to_macs_target)"))

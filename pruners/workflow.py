@@ -59,10 +59,10 @@ class Context:
 
 
 def setup(args, importance_batch_size: Optional[int] = None,
-          multi_process: bool = False) -> Context:
+          multi_process: bool = False, output_flag: str = "--output_dir") -> Context:
     """Validate what can be validated before any long work, join the torchrun process group if
     there is one (only scripts that share their work out say `multi_process`), then build the
-    data loaders."""
+    data loaders. output_flag: the script's name for args.output_dir, as its messages say it."""
     from models import available_models
     if args.model not in available_models():
         get_model(args.model, 10)  # raises the one-line "unknown model" error
@@ -79,7 +79,8 @@ def setup(args, importance_batch_size: Optional[int] = None,
     out = args.output_dir or f"outputs/{args.dataset}_{args.model}" + (
         f"_{importance}" if importance else "")
     out_dir = Path(out)
-    agreed(lambda: (check_resumable(args, out_dir), check_writable(out_dir),
+    agreed(lambda: (check_resumable(args, out_dir, output_flag),
+                    check_writable(out_dir, output_flag),
                     check_writable(args.save_path_prefix, "--save_path_prefix")))
     if args.resume and dist.is_main:
         for folder in (out_dir, args.save_path_prefix):
@@ -100,7 +101,7 @@ def setup(args, importance_batch_size: Optional[int] = None,
     return Context(args, dist.device, loaders, example, out_dir, dist, stream)
 
 
-def check_resumable(args, out_dir: Path) -> None:
+def check_resumable(args, out_dir: Path, output_flag: str = "--output_dir") -> None:
     """--resume needs something of this run on disk: the dense checkpoint (final or per-epoch)
     or a checkpoint / record under the output folder. Otherwise it is most likely a mistyped
     folder, and a silent fresh start could cost days; say so instead."""
@@ -113,7 +114,7 @@ def check_resumable(args, out_dir: Path) -> None:
                                 if not p.name.startswith(".")):
         return
     raise UsageError(f"--resume: nothing to resume (no checkpoint {partial} or {final}, no "
-                     f"results under {out_dir}); check --output_dir/--save_path_prefix or run "
+                     f"results under {out_dir}); check {output_flag}/--save_path_prefix or run "
                      "without --resume to start afresh")
 
 

@@ -219,12 +219,30 @@ def test_two_rounds_fold_bases_and_stay_three_ops_deep():
     assert torch.allclose(_effective(new), expected, atol=1e-5)
 
 
-def test_cp_decomposition_recovers_a_low_rank_tensor():
+def _cp(v, u, d):
+    return torch.einsum("or,ir,kr->oik", v, u, d)
+
+
+@pytest.mark.parametrize("shape,rank", [((4, 5, 9), 3), ((6, 7, 4), 5), ((8, 8, 9), 6)])
+def test_cp_decomposition_recovers_a_low_rank_tensor(shape, rank):
+    import tensorly as tl
     g = torch.Generator().manual_seed(0)
-    v, u, d = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (4, 5, 9))
-    tensor = torch.einsum("or,ir,kr->oik", v, u, d)
-    v2, u2, d2 = cp_decompose(tensor, 3)
-    assert torch.allclose(torch.einsum("or,ir,kr->oik", v2, u2, d2), tensor, atol=1e-6)
+    tensor = _cp(*(torch.randn(n, rank, generator=g, dtype=torch.float64) for n in shape))
+    backend = tl.get_backend()
+    factors = cp_decompose(tensor, rank)
+    assert tl.get_backend() == backend  # the PyTorch backend was set for the call only
+    assert [f.shape for f in factors] == [(n, rank) for n in shape]
+    error = (_cp(*factors) - tensor).norm() / tensor.norm()
+    assert error < 1e-6
+    # deterministic (SVD initialisation, fixed seed for columns beyond a mode's size)
+    assert all(torch.equal(a, b) for a, b in zip(factors, cp_decompose(tensor, rank)))
+
+
+def test_cp_decomposition_of_a_zero_core_and_bad_rank():
+    zero = torch.zeros(3, 2, 9)
+    assert all(not f.any() for f in cp_decompose(zero, 4))
+    with pytest.raises(EigenDamageError, match="--cp_rank"):
+        cp_decompose(torch.ones(3, 2, 9), 0)
 
 
 class TinyConvs(nn.Module):
@@ -252,6 +270,50 @@ def test_depthwise_core_matches_plain_bottleneck_at_full_rank():
     assert isinstance(dw.fc.core, nn.Linear)   # linear cores stay dense
     x = batches[0][0]
     assert torch.allclose(dw(x), plain(x), atol=1e-4)
+
+
+def test_depthwise_network_computes_the_cp_reconstruction_of_its_cores():
+    """Below full rank the depthwise core is an approximation: the network must compute exactly
+    the plain bottleneck whose cores are replaced by their rank-r CP reconstructions."""
+    torch.manual_seed(4)
+    model = TinyConvs().double()
+    batches = [(x.double(), y) for x, y in _batches(shape=(2, 6, 6), classes=2)]
+    stats = collect_eigen_statistics(model, batches, LOSS)
+    plain = eigendamage_prune(model, stats, 0.0, allow_growth=True)
+    dw = eigendamage_prune(model, stats, 0.0, allow_growth=True, depthwise=True, cp_rank=2)
+    errors = []
+    for name in ("conv1", "conv2"):
+        assert dw.get_submodule(name).core.weight.shape == (2, 1, 3, 3)
+        core = plain.get_submodule(name).core
+        flat = core.weight.detach().reshape(core.out_channels, core.in_channels, -1)
+        approx = _cp(*cp_decompose(flat, 2))
+        errors.append(float((approx - flat).norm() / flat.norm()))
+        with torch.no_grad():
+            core.weight.copy_(approx.reshape(core.weight.shape))
+    assert max(errors) > 1e-3  # rank 2 really approximates here
+    x = batches[0][0]
+    assert torch.allclose(dw(x), plain(x), atol=1e-10)
+    with pytest.raises(EigenDamageError, match="--cp_rank"):
+        eigendamage_prune(model, stats, 0.0, depthwise=True, cp_rank=-1)
+
+
+def test_cp_rank_flag_reaches_eigen_pruning():
+    from pruners.registry import get_method
+    from utils import cli
+    p = cli.parser("test")
+    cli.add_pruning(p)
+    args = cli.parse(p, ["--importance_type", "Eigen", "--depthwise", "--cp_rank", "2"])
+    eigen = get_method("Eigen")
+    options = cli.method_options(args, eigen, eigen.options + eigen.prune_options)
+    assert options["cp_rank"] == 2 and options["depthwise"] is True
+    assert cli.parse(p, []).cp_rank is None  # default: max(kept inputs, kept outputs) per core
+    torch.manual_seed(5)
+    model = _randomise_bn(SmallVGG())
+    example = torch.randn(1, 3, 8, 8)
+    pruned, _ = eigen.prune_to_target(model, _batches(), LOSS, example, 0.6,
+                                      classifier=model.classifier, **options)
+    cores = [m.core for m in pruned.modules() if isinstance(m, EigenBottleneck) and m.depthwise]
+    assert cores and all(c.out_channels == c.groups == 2 for c in cores)
 
 
 def test_depthwise_used_only_where_it_saves_parameters():

@@ -238,6 +238,9 @@ def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA",
                    help="Kron-OBS: apply the compensating update to the remaining filters")
     g.add_argument("--depthwise", action=argparse.BooleanOptionalAction, default=False,
                    help="Eigen: depthwise-separable decomposition of the bottleneck core")
+    g.add_argument("--cp_rank", type=int, default=None,
+                   help="Eigen with --depthwise: rank of the CP decomposition of each core "
+                        "(default: the larger of its kept input and output directions)")
     g.add_argument("--prune_heads", action=argparse.BooleanOptionalAction, default=False,
                    help="attention: remove whole heads")
 
@@ -253,7 +256,8 @@ def method_options(args, method, names=None) -> dict:
 _AT_LEAST = {"num_epochs": 0, "sl_num_epochs": 0, "epochs": 0, "ft_between_steps": 0,
              "bn_recalibration_batches": 0, "num_workers": 0, "workers": 0,
              "batch_size": 1, "eval_batch_size": 1, "importance_batch_size": 1,
-             "iterative_steps": 1, "iters_per_step": 1, "stop_after_epochs": 1}
+             "iterative_steps": 1, "iters_per_step": 1, "stop_after_epochs": 1,
+             "cp_rank": 1}
 
 
 def parse(p: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
