@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench bench-imagenet install clean
+.PHONY: demo grid-demo test test-all bench bench-imagenet install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,13 @@ demo: $(STAMP)
 		--num_epochs 10 --lr 0.05 --batch_size 64 --sl_num_epochs 3 --sl_lr 0.01 \
 		--ops_ratios 0.5 --iterative_steps 8 --iters_per_step 4 --bn_recalibration_batches 8 \
 		--output_dir outputs/demo --save_path_prefix checkpoints/demo
+
+# criteria x targets x seeds on digits: results.csv, table.md and plots in outputs/grid_demo
+grid-demo: $(STAMP)
+	$(PY) compare.py --dataset digits --model resnet20 --criteria OBA Kron-OBS Eigen Taylor Weight \
+		--targets 0.5 0.3 --seeds 0 1 --jobs 2 --output_dir outputs/grid_demo -- \
+		--num_epochs 10 --lr 0.05 --batch_size 64 --sl_num_epochs 2 --sl_lr 0.01 --sl_milestones 1 \
+		--iterative_steps 4 --iters_per_step 2 --bn_recalibration_batches 4 --no-tensorboard
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
