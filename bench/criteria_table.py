@@ -34,8 +34,12 @@ def parse(argv=None):
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.2])
     p.add_argument("--pretrain_epochs", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
+    # Short CPU settings of its own, not the published ones; milestones None: 50 % and 75 % of
+    # --pretrain_epochs (the workflow's fallback), since the parsed --num_epochs is replaced.
     p.set_defaults(output_dir="outputs/criteria_table", save_path_prefix="checkpoints/criteria_table",
-                   sl_num_epochs=2, lr=0.05, batch_size=64, progress=False, tensorboard=False)
+                   sl_num_epochs=2, lr=0.05, batch_size=64, progress=False, tensorboard=False,
+                   milestones=None, sl_lr=0.01, sl_weight_decay=5e-4, iterative_steps=16,
+                   iters_per_step=10)
     return p.parse_args(argv)
 
 

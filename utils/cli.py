@@ -12,6 +12,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from utils import recipes
+
 _OUR_PACKAGES = ("utils", "models", "pruners")
 
 
@@ -19,14 +21,55 @@ class UsageError(ValueError):
     """Bad command-line input; one line for the user."""
 
 
+class _Published:
+    """Placeholder default of a flag whose value comes from the published-settings table
+    (utils/recipes.py); the parser fills it in for its script before parsing or printing help."""
+
+    def __repr__(self):
+        return "PUBLISHED"
+
+
+PUBLISHED = _Published()
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help (a help text that already says its default keeps its words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, script: Optional[str] = None, **kw):
+        super().__init__(*a, **kw)
+        self.script = script
+
     def error(self, message):  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def _fill_published(self) -> None:
+        for action in self._actions:
+            if action.default is PUBLISHED:
+                action.default = recipes.default(self.script, action.dest)
 
-def parser(description: str) -> argparse.ArgumentParser:
-    return _Parser(description=description,
-                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def format_help(self):
+        self._fill_published()
+        return super().format_help()
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._fill_published()
+        ns, extra = super().parse_known_args(args, namespace)
+        recipes.resolve(ns)  # --recipe's values for the flags not given, milestones in epochs
+        return ns, extra
+
+
+def parser(description: str, script: Optional[str] = None) -> argparse.ArgumentParser:
+    """A parser of one of our scripts; `script` picks its row of the published-settings table
+    (utils/recipes.py: e.g. "iterative_prune"; None: the one-shot scripts' settings)."""
+    return _Parser(description=description, formatter_class=_HelpFormatter, script=script)
 
 
 def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
@@ -34,15 +77,26 @@ def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
     """The flags of the CIFAR-style scripts (train_prune.py, iterative_prune.py)."""
     add_loading(add_data_model(p, default_model, default_dataset))
     add_outputs(add_run(p))
+    add_settings_recipe(p)
     add_dense_training(p)
     add_finetuning(p)
 
 
+def add_settings_recipe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=recipes.DEFAULT, choices=sorted(recipes.RECIPES),
+                   help="published settings for the training flags not given: oba (the published "
+                        "OBA code) or eigendamage (the EigenDamage paper's schedules: 150 dense "
+                        "epochs, weight decay 2e-4, lr drops at 1/2 and 3/4 of both phases); "
+                        "a flag given always wins")
+
+
 def add_loading(g) -> None:
     """Loader flags of the pruning scripts (train_imagenet.py names them as torchvision does)."""
-    g.add_argument("--batch_size", type=int, default=128)
-    g.add_argument("--eval_batch_size", type=int, default=None)
-    g.add_argument("--num_workers", type=int, default=0)
+    g.add_argument("--batch_size", type=int, default=PUBLISHED,
+                   help="images per batch: training, importance estimation, evaluation")
+    g.add_argument("--eval_batch_size", type=int, default=None,
+                   help="images per evaluation batch (default: --batch_size)")
+    g.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="fraction of the training set held out to pick checkpoints, in [0, 1); "
                         "0: no validation split, the last epoch is kept (digits: its split is "
@@ -50,7 +104,8 @@ def add_loading(g) -> None:
 
 
 def add_outputs(g) -> None:
-    g.add_argument("--output_dir", default=None, help="where results and pruned models go")
+    g.add_argument("--output_dir", default=None, help="where results and pruned models go (default: "
+                   "outputs/<dataset>_<model>_<importance_type>)")
     g.add_argument("--save_path_prefix", default="checkpoints",
                    help="folder of dense (pretrained) checkpoints: <prefix>/<dataset>_<model>.pth")
     g.add_argument("--pretrained", default=None,
@@ -59,13 +114,17 @@ def add_outputs(g) -> None:
 
 def add_dense_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dense training")
-    g.add_argument("--num_epochs", type=int, default=200)
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--milestones", type=int, nargs="+", default=None,
-                   help="epochs at which the lr drops by --lr_gamma (default: 50%% and 75%%)")
-    g.add_argument("--lr_gamma", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight_decay", type=float, default=5e-4)
+    g.add_argument("--num_epochs", type=int, default=PUBLISHED,
+                   help="epochs of dense training (SGD, multi-step lr); 0: no training")
+    g.add_argument("--lr", type=float, default=PUBLISHED, help="initial learning rate")
+    g.add_argument("--milestones", type=int, nargs="+", default=PUBLISHED,
+                   help="epochs at which the lr drops by --lr_gamma; not given: the recipe's, "
+                        "scaled with --num_epochs (oba: 30%%, 50%%, 75%%; eigendamage: 50%%, 75%%)")
+    g.add_argument("--lr_gamma", type=float, default=0.1,
+                   help="lr factor at every milestone (dense training and fine-tuning)")
+    g.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD momentum (dense training and fine-tuning)")
+    g.add_argument("--weight_decay", type=float, default=PUBLISHED, help="SGD weight decay")
     g.add_argument("--sparsity_l1", type=float, default=0.0,
                    help="L1 penalty on BatchNorm scales while training the dense model (NN Slimming)")
     add_nan_policy(g)
@@ -79,11 +138,14 @@ def add_nan_policy(g) -> None:
 
 def add_finetuning(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning after pruning")
-    g.add_argument("--sl_num_epochs", type=int, default=40)
-    g.add_argument("--sl_lr", type=float, default=0.01)
-    g.add_argument("--sl_milestones", type=int, nargs="+", default=None,
-                   help="fine-tuning lr drops (default: 50%% and 75%%)")
-    g.add_argument("--sl_weight_decay", type=float, default=5e-4)
+    g.add_argument("--sl_num_epochs", type=int, default=PUBLISHED,
+                   help="epochs of fine-tuning after pruning; 0: none")
+    g.add_argument("--sl_lr", type=float, default=PUBLISHED, help="initial fine-tuning learning rate")
+    g.add_argument("--sl_milestones", type=int, nargs="+", default=PUBLISHED,
+                   help="fine-tuning epochs at which the lr drops by --lr_gamma; not given: the "
+                        "recipe's, scaled with --sl_num_epochs")
+    g.add_argument("--sl_weight_decay", type=float, default=PUBLISHED,
+                   help="fine-tuning weight decay")
 
 
 def add_data_model(p: argparse.ArgumentParser, default_model: Optional[str] = "resnet20",
@@ -94,7 +156,7 @@ def add_data_model(p: argparse.ArgumentParser, default_model: Optional[str] = "r
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=default_dataset,
                    help="digits (embedded), cifar10, cifar100, tiny_imagenet, imagenet")
-    g.add_argument("--data_root", default=None, help="dataset folder (overrides dataset.yaml)")
+    g.add_argument("--data_root", default=None, help="dataset folder (default: the one dataset.yaml names)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                    help="download CIFAR when missing (needs internet)")
     g.add_argument("--model", default=default_model,
@@ -103,7 +165,7 @@ def add_data_model(p: argparse.ArgumentParser, default_model: Optional[str] = "r
                    help="torchvision weights name (read from the torch hub cache) or a local file; "
                         "a network given weights is pruned as it is, never re-trained")
     g.add_argument("--image_size", type=int, default=None,
-                   help="imagenet: crop size (default 224; train_imagenet.py: the model file's); "
+                   help="imagenet: crop size (default: 224; train_imagenet.py: the model file's); "
                         "small values for quick CPU runs")
     return g
 
@@ -113,11 +175,12 @@ def add_run(p: argparse.ArgumentParser):
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N "
                    "(under torchrun every process uses GPU LOCAL_RANK)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of every random stream")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue an interrupted run from its last complete checkpoint (an error when "
                         "there is nothing to resume)")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="TensorBoard scalars next to the results")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bars")
     return g
@@ -191,17 +254,16 @@ def train_config(args, **overrides):
     return TrainConfig(**kw)
 
 
-def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA",
-                iterative_steps: int = 16, iters_per_step: int = 10) -> None:
+def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA") -> None:
     g = p.add_argument_group("pruning")
     g.add_argument("--importance_type", default=default_importance,
                    help="OBA, fastOBA, Weight, Taylor, Random, C-OBD, C-OBS, Kron-OBD, Kron-OBS, "
                         "Eigen, Slim")
-    g.add_argument("--iterative_steps", type=int, default=iterative_steps,
+    g.add_argument("--iterative_steps", type=int, default=PUBLISHED,
                    help="pruning steps of the exponential schedule to reach a target")
-    g.add_argument("--iters_per_step", type=int, default=iters_per_step,
+    g.add_argument("--iters_per_step", type=int, default=PUBLISHED,
                    help="batches used to estimate importance at every step")
-    g.add_argument("--max_pruning_ratio", type=float, default=0.95,
+    g.add_argument("--max_pruning_ratio", type=float, default=PUBLISHED,
                    help="no layer loses more than this fraction of its original channels")
     g.add_argument("--normalizer", default="max",
                    help="per-group score normalisation: max, mean, sum, standardization, none")
@@ -236,6 +298,20 @@ def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA",
                    help="Eigen: depthwise-separable decomposition of the bottleneck core")
     g.add_argument("--prune_heads", action=argparse.BooleanOptionalAction, default=False,
                    help="attention: remove whole heads")
+
+
+def settings(args) -> dict:
+    """Every flag's effective value for the records, JSON-safe: nothing is left out (tuples become
+    lists, other objects such as paths their text)."""
+    def plain(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return str(v)
+    return {k: plain(v) for k, v in vars(args).items()}
 
 
 def method_options(args, method, names=None) -> dict:
