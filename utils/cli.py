@@ -194,43 +194,51 @@ def add_recipe(p: argparse.ArgumentParser, epochs: int = 100, batch_size: int = 
     (defaults: the published OBA ImageNet fine-tuning recipe); `train_config(args)` turns them
     into a `utils.engine.TrainConfig`."""
     g = p.add_argument_group("training recipe (torchvision reference names)")
-    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--epochs", type=int, default=epochs, help="fine-tuning epochs")
     g.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=batch_size,
                    help="images per process per step (global batch = this x processes)")
     g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=None,
                    help="per process; default: --batch-size")
     g.add_argument("-j", "--workers", dest="workers", type=int, default=workers,
                    help="data-loading worker processes per training process")
-    g.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])
-    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--opt", default="sgd", choices=["sgd", "adamw"], help="optimiser")
+    g.add_argument("--lr", type=float, default=lr, help="initial learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=weight_decay)
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=weight_decay,
+                   help="weight decay")
     g.add_argument("--lr-scheduler", dest="lr_scheduler", default="multisteplr",
-                   choices=["multisteplr", "steplr", "cosineannealinglr"])
+                   choices=["multisteplr", "steplr", "cosineannealinglr"], help="lr schedule")
     g.add_argument("--lr-milestones", dest="lr_milestones", type=int, nargs="+",
                    default=list(milestones) if milestones else None,
                    help="multisteplr: epochs (after warm-up) at which the lr drops by --lr-gamma")
     g.add_argument("--lr-step-size", dest="lr_step_size", type=int, default=30,
                    help="steplr: epochs between drops by --lr-gamma")
-    g.add_argument("--lr-gamma", dest="lr_gamma", type=float, default=0.1)
+    g.add_argument("--lr-gamma", dest="lr_gamma", type=float, default=0.1,
+                   help="lr factor at every drop")
     g.add_argument("--lr-min", dest="lr_min", type=float, default=0.0,
                    help="cosineannealinglr: final lr")
-    g.add_argument("--lr-warmup-epochs", dest="lr_warmup_epochs", type=int, default=0)
+    g.add_argument("--lr-warmup-epochs", dest="lr_warmup_epochs", type=int, default=0,
+                   help="warm-up epochs before the schedule")
     g.add_argument("--lr-warmup-method", dest="lr_warmup_method", default="linear",
-                   choices=["linear", "constant"])
+                   choices=["linear", "constant"], help="warm-up shape")
     g.add_argument("--lr-warmup-decay", dest="lr_warmup_decay", type=float, default=0.01,
                    help="warm-up starts at lr x this")
-    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=0.0)
-    g.add_argument("--mixup-alpha", dest="mixup_alpha", type=float, default=0.0)
-    g.add_argument("--cutmix-alpha", dest="cutmix_alpha", type=float, default=0.0)
+    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=0.0,
+                   help="cross-entropy label smoothing")
+    g.add_argument("--mixup-alpha", dest="mixup_alpha", type=float, default=0.0,
+                   help="MixUp Beta parameter (0: off)")
+    g.add_argument("--cutmix-alpha", dest="cutmix_alpha", type=float, default=0.0,
+                   help="CutMix Beta parameter (0: off)")
     g.add_argument("--auto-augment", dest="auto_augment", default=auto_augment,
                    help="ta_wide, ra, imagenet, cifar10, svhn or none")
     g.add_argument("--model-ema", dest="model_ema", action=argparse.BooleanOptionalAction,
                    default=False, help="keep an exponential moving average of the weights")
     g.add_argument("--model-ema-steps", dest="model_ema_steps", type=int, default=32,
                    help="iterations between EMA updates")
-    g.add_argument("--model-ema-decay", dest="model_ema_decay", type=float, default=0.99998)
-    g.add_argument("--clip-grad-norm", dest="clip_grad_norm", type=float, default=None)
+    g.add_argument("--model-ema-decay", dest="model_ema_decay", type=float, default=0.99998,
+                   help="EMA decay per update")
+    g.add_argument("--clip-grad-norm", dest="clip_grad_norm", type=float, default=None,
+                   help="clip the gradient norm to this (default: no clipping)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="CUDA mixed precision (autocast + GradScaler)")
     g.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction,
