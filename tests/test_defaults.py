@@ -125,7 +125,8 @@ def test_milestones_scaling_rule():
 def test_benches_keep_their_own_settings():
     args = module("bench/criteria_table.py").parse([])
     assert (args.iters_per_step, args.iterative_steps, args.sl_num_epochs, args.sl_lr) == (10, 16, 2, 0.01)
-    assert args.milestones is None and args.batch_size == 64 and args.weight_decay == 5e-4
+    assert args.milestones is None and args.sl_milestones is None
+    assert args.batch_size == 64 and args.weight_decay == 5e-4
     assert cli.default_milestones(args.pretrain_epochs, args.milestones) == [4, 6]
     args = module("bench/unstructured_table.py").parse([])
     assert (args.num_epochs, args.iters_per_step, args.iterative_steps, args.milestones) == (10, 4, 2, None)
