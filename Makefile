@@ -17,7 +17,8 @@ $(STAMP): requirements.txt constraints.txt
 
 demo: $(STAMP)
 	$(PY) train_prune.py --importance_type OBA --dataset digits --model resnet20 \
-		--num_epochs 10 --lr 0.05 --batch_size 64 --sl_num_epochs 3 --sl_lr 0.01 \
+		--num_epochs 10 --lr 0.05 --milestones 5 7 --batch_size 64 \
+		--sl_num_epochs 3 --sl_lr 0.01 --sl_weight_decay 5e-4 \
 		--ops_ratios 0.5 --iterative_steps 8 --iters_per_step 4 --bn_recalibration_batches 8 \
 		--output_dir outputs/demo --save_path_prefix checkpoints/demo
 

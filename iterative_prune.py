@@ -15,13 +15,17 @@ from utils import cli  # noqa: E402
 from utils.checkpoint import load_pruned_model  # noqa: E402
 
 
-def main(argv=None):
-    p = cli.parser(__doc__.splitlines()[0])
+def build_parser():
+    p = cli.parser(__doc__.splitlines()[0], script="iterative_prune")
     cli.add_common(p)
     cli.add_pruning(p)
-    p.add_argument("--ops_ratios", type=float, nargs="+", default=[0.6, 0.5, 0.4, 0.3],
+    p.add_argument("--ops_ratios", type=float, nargs="+", default=[0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05],
                    help="strictly decreasing fractions of the dense MACs to keep")
-    args = cli.parse(p, argv)
+    return p
+
+
+def main(argv=None):
+    args = cli.parse(build_parser(), argv)
     cli.check_ratios(args.ops_ratios, decreasing=True)
 
     ctx = workflow.setup(args)

@@ -25,25 +25,20 @@ from utils.checkpoint import save_pruned_model, write_json  # noqa: E402
 from utils.distributed import decided, env_world_size  # noqa: E402
 from utils.flops import format_count  # noqa: E402
 
-# The published settings: importance on 350 batches per step, batches of 2 images (the
-# published code scored with a quarter-GPU's batch, 16 // 8).
-IMPORTANCE_BATCHES = 350
-ITERATIVE_STEPS = 50
-IMPORTANCE_BATCH_SIZE = 2
-
-
-def parse(argv):
-    p = cli.parser(__doc__.splitlines()[0])
+def build_parser():
+    # Published settings (350 importance batches per step of 2 images, 50 steps) come from
+    # utils/recipes.py.
+    p = cli.parser(__doc__.splitlines()[0], script="prune_imagenet")
     cli.add_loading(cli.add_data_model(p, default_model="vit_b_16", default_dataset="imagenet",
                                        default_weights="IMAGENET1K_V1"))
     g = cli.add_run(p)
     g.add_argument("--save_path_prefix", default="checkpoints",
                    help="root of the default --save_dir")
-    cli.add_pruning(p, iterative_steps=ITERATIVE_STEPS, iters_per_step=IMPORTANCE_BATCHES)
+    cli.add_pruning(p)
     g = p.add_argument_group("ImageNet pruning")
     g.add_argument("--ops_ratios", type=float, nargs="+", default=[0.51],
                    help="fractions of the dense MACs to keep, one pruned network per value")
-    g.add_argument("--importance_batch_size", type=int, default=IMPORTANCE_BATCH_SIZE,
+    g.add_argument("--importance_batch_size", type=int, default=cli.PUBLISHED,
                    help="images per importance batch, per process (--batch_size is used for "
                         "evaluation and BatchNorm re-estimation)")
     g.add_argument("--save_dir", default=None,
@@ -56,8 +51,12 @@ def parse(argv):
                    help="top-1 / top-5 on the val folder before and after pruning")
     # All of the training folder serves importance estimation (nothing is trained or selected);
     # --resume here means: skip the targets already saved.
-    p.set_defaults(batch_size=64, tensorboard=False, val_fraction=0.0)
-    args = cli.parse(p, argv)
+    p.set_defaults(tensorboard=False, val_fraction=0.0)
+    return p
+
+
+def parse(argv):
+    args = cli.parse(build_parser(), argv)
     cli.check_ratios(args.ops_ratios)
     names = [f"{r:g}" for r in args.ops_ratios]
     if len(set(names)) != len(names):

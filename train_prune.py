@@ -16,13 +16,17 @@ from pruners.driver import channel_widths  # noqa: E402
 from utils import cli  # noqa: E402
 
 
-def main(argv=None):
-    p = cli.parser(__doc__.splitlines()[0])
+def build_parser():
+    p = cli.parser(__doc__.splitlines()[0], script="train_prune")
     cli.add_common(p)
     cli.add_pruning(p)
-    p.add_argument("--ops_ratios", type=float, nargs="+", default=[0.5],
+    p.add_argument("--ops_ratios", type=float, nargs="+", default=[0.14],
                    help="fractions of the dense MACs to keep, one run per value")
-    args = cli.parse(p, argv)
+    return p
+
+
+def main(argv=None):
+    args = cli.parse(build_parser(), argv)
     cli.check_ratios(args.ops_ratios)
 
     ctx = workflow.setup(args)

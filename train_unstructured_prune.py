@@ -31,8 +31,8 @@ CRITERIA = ("OBA", "fastOBA", "Taylor", "Weight", "Random", "C-OBD", "C-OBS", "K
 DEFAULT_DENSITY = 0.1
 
 
-def parse(argv=None):
-    p = cli.parser(__doc__.splitlines()[0])
+def build_parser():
+    p = cli.parser(__doc__.splitlines()[0], script="train_unstructured_prune")
     cli.add_common(p)
     cli.add_pruning(p)
     g = p.add_argument_group("unstructured / N:M sparsity")
@@ -48,7 +48,11 @@ def parse(argv=None):
                    help="no layer loses more than this fraction of its weights (unstructured)")
     g.add_argument("--ft_between_steps", type=int, default=0,
                    help="fine-tuning epochs after every pruning step but the last")
-    return cli.parse(p, argv)
+    return p
+
+
+def parse(argv=None):
+    return cli.parse(build_parser(), argv)
 
 
 def check_request(args):
@@ -215,8 +219,7 @@ def main(argv=None):
                     "masking": prune_info["seconds_masking"], "finetune": ft["seconds"],
                     "total": time.perf_counter() - t_start},
         "export": files, "seed": args.seed,
-        "settings": {k: v for k, v in vars(args).items()
-                     if isinstance(v, (int, float, str, bool, list)) or v is None},
+        "settings": cli.settings(args),
     }
     write_json(record, results_path)
     print(f"\n{args.importance_type} {args.pattern}: density {report['density']:.4f} "

@@ -43,7 +43,8 @@ def parse(argv=None):
     p.add_argument("--max_layer_sparsity", type=float, default=0.99)
     p.set_defaults(output_dir="outputs/unstructured_table", num_epochs=10, lr=0.05, batch_size=64,
                    iterative_steps=2, iters_per_step=4, bn_recalibration_batches=8, progress=False,
-                   tensorboard=False, ft_between_steps=0)
+                   tensorboard=False, ft_between_steps=0,
+                   milestones=None)  # 50 % and 75 % of --num_epochs, as the table was measured
     args = p.parse_args(argv)
     cli.check_ratios(args.densities, decreasing=True, flag="--densities")
     for pat in args.patterns:

@@ -26,7 +26,7 @@ from models import get_classifier, get_model
 from utils.checkpoint import (FORMAT, CheckpointError, check_writable, load_checkpoint,
                               load_pruned_model, load_state_into, remove_stale_temps, save_atomic,
                               save_pruned_model, write_json)
-from utils.cli import UsageError, default_milestones, method_options
+from utils.cli import UsageError, default_milestones, method_options, settings
 from utils.data import BatchStream, build_loaders, shard_loaders
 from utils.distributed import (DistInfo, agreed, average_batchnorm_statistics, check_same_model,
                                env_world_size, init_distributed)
@@ -349,8 +349,7 @@ def pruned_record(ctx: Context, model: nn.Module, target: float, dense: dict,
         "seconds_pruning": prune_info["seconds_pruning"],
         "pruning_steps": prune_info["steps"], "seed": args.seed,
         "world_size": ctx.dist.world_size,
-        "settings": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))
-                     or v is None},
+        "settings": settings(args),  # every flag's effective value, the recipe's included
     }
     for key in ("test_acc_pruned", "test_acc_pruned_stale_bn", "test_top5_pruned",
                 "test_loss_pruned", "eigen_prune_ratio", "layers_left_alone"):
@@ -423,7 +422,7 @@ def run_targets(ctx: Context, targets, run_one: Callable[[float], dict],
         except Exception as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             failed = {"importance_type": ctx.args.importance_type, "target_ops_ratio": target,
-                      "status": "failed", "error": message}
+                      "status": "failed", "error": message, "settings": settings(ctx.args)}
             report(ctx, records + [failed], summary_path)
             raise
     report(ctx, records, summary_path)

@@ -202,7 +202,7 @@ def test_val_fraction_zero_end_to_end_keeps_last_epoch(tmp_path, capsys):
     code, out, err = run_script("train_prune.py", DIGITS + where(tmp_path) + [
         "--val_fraction", "0", "--num_epochs", "1", "--sl_num_epochs", "1", "--batch_size", "256",
         "--importance_type", "Weight", "--ops_ratios", "0.7", "--iterative_steps", "1",
-        "--bn_recalibration_batches", "1"], capsys)
+        "--iters_per_step", "1", "--bn_recalibration_batches", "1"], capsys)
     assert code == 0, err
     rec = json.loads((tmp_path / "out" / "ops_0.7" / "results.json").read_text())
     assert rec["val_acc_finetuned_best"] is None and rec["settings"]["val_fraction"] == 0

@@ -25,9 +25,9 @@ sys.path.insert(0, str(REPO))
 import train_unstructured_prune as script  # noqa: E402
 
 SCRIPT = "train_unstructured_prune.py"
-FAST = ["--model", "resnet8", "--num_epochs", "1", "--sl_num_epochs", "1", "--iterative_steps", "2",
-        "--iters_per_step", "1", "--bn_recalibration_batches", "2", "--no-progress",
-        "--no-tensorboard"]
+FAST = ["--model", "resnet8", "--num_epochs", "1", "--sl_num_epochs", "1", "--batch_size", "128",
+        "--iterative_steps", "2", "--iters_per_step", "1", "--bn_recalibration_batches", "2",
+        "--no-progress", "--no-tensorboard"]
 
 
 def random_scores(targets, seed=0):

@@ -12,6 +12,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from utils import recipes
+
 _OUR_PACKAGES = ("utils", "models", "pruners")
 
 
@@ -19,14 +21,55 @@ class UsageError(ValueError):
     """Bad command-line input; one line for the user."""
 
 
+class _Published:
+    """Placeholder default of a flag whose value comes from the published-settings table
+    (utils/recipes.py); the parser fills it in for its script before parsing or printing help."""
+
+    def __repr__(self):
+        return "PUBLISHED"
+
+
+PUBLISHED = _Published()
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help (a help text that already says its default keeps its words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, script: Optional[str] = None, **kw):
+        super().__init__(*a, **kw)
+        self.script = script
+
     def error(self, message):  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def _fill_published(self) -> None:
+        for action in self._actions:
+            if action.default is PUBLISHED:
+                action.default = recipes.default(self.script, action.dest)
 
-def parser(description: str) -> argparse.ArgumentParser:
-    return _Parser(description=description,
-                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def format_help(self):
+        self._fill_published()
+        return super().format_help()
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._fill_published()
+        ns, extra = super().parse_known_args(args, namespace)
+        recipes.resolve(ns)  # --recipe's values for the flags not given, milestones in epochs
+        return ns, extra
+
+
+def parser(description: str, script: Optional[str] = None) -> argparse.ArgumentParser:
+    """A parser of one of our scripts; `script` picks its row of the published-settings table
+    (utils/recipes.py: e.g. "iterative_prune"; None: the one-shot scripts' settings)."""
+    return _Parser(description=description, formatter_class=_HelpFormatter, script=script)
 
 
 def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
@@ -34,15 +77,26 @@ def add_common(p: argparse.ArgumentParser, default_model: str = "resnet20",
     """The flags of the CIFAR-style scripts (train_prune.py, iterative_prune.py)."""
     add_loading(add_data_model(p, default_model, default_dataset))
     add_outputs(add_run(p))
+    add_settings_recipe(p)
     add_dense_training(p)
     add_finetuning(p)
 
 
+def add_settings_recipe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=recipes.DEFAULT, choices=sorted(recipes.RECIPES),
+                   help="published settings for the training flags not given: oba (the published "
+                        "OBA code) or eigendamage (the EigenDamage paper's schedules: 150 dense "
+                        "epochs, weight decay 2e-4, lr drops at 1/2 and 3/4 of both phases); "
+                        "a flag given always wins")
+
+
 def add_loading(g) -> None:
     """Loader flags of the pruning scripts (train_imagenet.py names them as torchvision does)."""
-    g.add_argument("--batch_size", type=int, default=128)
-    g.add_argument("--eval_batch_size", type=int, default=None)
-    g.add_argument("--num_workers", type=int, default=0)
+    g.add_argument("--batch_size", type=int, default=PUBLISHED,
+                   help="images per batch: training, importance estimation, evaluation")
+    g.add_argument("--eval_batch_size", type=int, default=None,
+                   help="images per evaluation batch (default: --batch_size)")
+    g.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="fraction of the training set held out to pick checkpoints, in [0, 1); "
                         "0: no validation split, the last epoch is kept (digits: its split is "
@@ -50,7 +104,8 @@ def add_loading(g) -> None:
 
 
 def add_outputs(g) -> None:
-    g.add_argument("--output_dir", default=None, help="where results and pruned models go")
+    g.add_argument("--output_dir", default=None, help="where results and pruned models go (default: "
+                   "outputs/<dataset>_<model>_<importance_type>)")
     g.add_argument("--save_path_prefix", default="checkpoints",
                    help="folder of dense (pretrained) checkpoints: <prefix>/<dataset>_<model>.pth")
     g.add_argument("--pretrained", default=None,
@@ -59,13 +114,17 @@ def add_outputs(g) -> None:
 
 def add_dense_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dense training")
-    g.add_argument("--num_epochs", type=int, default=200)
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--milestones", type=int, nargs="+", default=None,
-                   help="epochs at which the lr drops by --lr_gamma (default: 50%% and 75%%)")
-    g.add_argument("--lr_gamma", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight_decay", type=float, default=5e-4)
+    g.add_argument("--num_epochs", type=int, default=PUBLISHED,
+                   help="epochs of dense training (SGD, multi-step lr); 0: no training")
+    g.add_argument("--lr", type=float, default=PUBLISHED, help="initial learning rate")
+    g.add_argument("--milestones", type=int, nargs="+", default=PUBLISHED,
+                   help="epochs at which the lr drops by --lr_gamma; not given: the recipe's, "
+                        "scaled with --num_epochs (oba: 30%%, 50%%, 75%%; eigendamage: 50%%, 75%%)")
+    g.add_argument("--lr_gamma", type=float, default=0.1,
+                   help="lr factor at every milestone (dense training and fine-tuning)")
+    g.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD momentum (dense training and fine-tuning)")
+    g.add_argument("--weight_decay", type=float, default=PUBLISHED, help="SGD weight decay")
     g.add_argument("--sparsity_l1", type=float, default=0.0,
                    help="L1 penalty on BatchNorm scales while training the dense model (NN Slimming)")
     add_nan_policy(g)
@@ -79,11 +138,14 @@ def add_nan_policy(g) -> None:
 
 def add_finetuning(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning after pruning")
-    g.add_argument("--sl_num_epochs", type=int, default=40)
-    g.add_argument("--sl_lr", type=float, default=0.01)
-    g.add_argument("--sl_milestones", type=int, nargs="+", default=None,
-                   help="fine-tuning lr drops (default: 50%% and 75%%)")
-    g.add_argument("--sl_weight_decay", type=float, default=5e-4)
+    g.add_argument("--sl_num_epochs", type=int, default=PUBLISHED,
+                   help="epochs of fine-tuning after pruning; 0: none")
+    g.add_argument("--sl_lr", type=float, default=PUBLISHED, help="initial fine-tuning learning rate")
+    g.add_argument("--sl_milestones", type=int, nargs="+", default=PUBLISHED,
+                   help="fine-tuning epochs at which the lr drops by --lr_gamma; not given: the "
+                        "recipe's, scaled with --sl_num_epochs")
+    g.add_argument("--sl_weight_decay", type=float, default=PUBLISHED,
+                   help="fine-tuning weight decay")
 
 
 def add_data_model(p: argparse.ArgumentParser, default_model: Optional[str] = "resnet20",
@@ -94,7 +156,7 @@ def add_data_model(p: argparse.ArgumentParser, default_model: Optional[str] = "r
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=default_dataset,
                    help="digits (embedded), cifar10, cifar100, tiny_imagenet, imagenet")
-    g.add_argument("--data_root", default=None, help="dataset folder (overrides dataset.yaml)")
+    g.add_argument("--data_root", default=None, help="dataset folder (default: the one dataset.yaml names)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                    help="download CIFAR when missing (needs internet)")
     g.add_argument("--model", default=default_model,
@@ -103,7 +165,7 @@ def add_data_model(p: argparse.ArgumentParser, default_model: Optional[str] = "r
                    help="torchvision weights name (read from the torch hub cache) or a local file; "
                         "a network given weights is pruned as it is, never re-trained")
     g.add_argument("--image_size", type=int, default=None,
-                   help="imagenet: crop size (default 224; train_imagenet.py: the model file's); "
+                   help="imagenet: crop size (default: 224; train_imagenet.py: the model file's); "
                         "small values for quick CPU runs")
     return g
 
@@ -113,7 +175,7 @@ def add_run(p: argparse.ArgumentParser):
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N "
                    "(under torchrun every process uses GPU LOCAL_RANK)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of every random stream")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                    help="reproducible runs on CUDA as far as PyTorch allows (deterministic kernels, "
                         "no cuDNN autotuning, CUBLAS_WORKSPACE_CONFIG=:4096:8); often slower. "
@@ -121,7 +183,8 @@ def add_run(p: argparse.ArgumentParser):
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue an interrupted run from its last complete checkpoint (an error when "
                         "there is nothing to resume)")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="TensorBoard scalars next to the results")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bars")
     return g
@@ -135,43 +198,51 @@ def add_recipe(p: argparse.ArgumentParser, epochs: int = 100, batch_size: int = 
     (defaults: the published OBA ImageNet fine-tuning recipe); `train_config(args)` turns them
     into a `utils.engine.TrainConfig`."""
     g = p.add_argument_group("training recipe (torchvision reference names)")
-    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--epochs", type=int, default=epochs, help="fine-tuning epochs")
     g.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=batch_size,
                    help="images per process per step (global batch = this x processes)")
     g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=None,
                    help="per process; default: --batch-size")
     g.add_argument("-j", "--workers", dest="workers", type=int, default=workers,
                    help="data-loading worker processes per training process")
-    g.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])
-    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--opt", default="sgd", choices=["sgd", "adamw"], help="optimiser")
+    g.add_argument("--lr", type=float, default=lr, help="initial learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=weight_decay)
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=weight_decay,
+                   help="weight decay")
     g.add_argument("--lr-scheduler", dest="lr_scheduler", default="multisteplr",
-                   choices=["multisteplr", "steplr", "cosineannealinglr"])
+                   choices=["multisteplr", "steplr", "cosineannealinglr"], help="lr schedule")
     g.add_argument("--lr-milestones", dest="lr_milestones", type=int, nargs="+",
                    default=list(milestones) if milestones else None,
                    help="multisteplr: epochs (after warm-up) at which the lr drops by --lr-gamma")
     g.add_argument("--lr-step-size", dest="lr_step_size", type=int, default=30,
                    help="steplr: epochs between drops by --lr-gamma")
-    g.add_argument("--lr-gamma", dest="lr_gamma", type=float, default=0.1)
+    g.add_argument("--lr-gamma", dest="lr_gamma", type=float, default=0.1,
+                   help="lr factor at every drop")
     g.add_argument("--lr-min", dest="lr_min", type=float, default=0.0,
                    help="cosineannealinglr: final lr")
-    g.add_argument("--lr-warmup-epochs", dest="lr_warmup_epochs", type=int, default=0)
+    g.add_argument("--lr-warmup-epochs", dest="lr_warmup_epochs", type=int, default=0,
+                   help="warm-up epochs before the schedule")
     g.add_argument("--lr-warmup-method", dest="lr_warmup_method", default="linear",
-                   choices=["linear", "constant"])
+                   choices=["linear", "constant"], help="warm-up shape")
     g.add_argument("--lr-warmup-decay", dest="lr_warmup_decay", type=float, default=0.01,
                    help="warm-up starts at lr x this")
-    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=0.0)
-    g.add_argument("--mixup-alpha", dest="mixup_alpha", type=float, default=0.0)
-    g.add_argument("--cutmix-alpha", dest="cutmix_alpha", type=float, default=0.0)
+    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=0.0,
+                   help="cross-entropy label smoothing")
+    g.add_argument("--mixup-alpha", dest="mixup_alpha", type=float, default=0.0,
+                   help="MixUp Beta parameter (0: off)")
+    g.add_argument("--cutmix-alpha", dest="cutmix_alpha", type=float, default=0.0,
+                   help="CutMix Beta parameter (0: off)")
     g.add_argument("--auto-augment", dest="auto_augment", default=auto_augment,
                    help="ta_wide, ra, imagenet, cifar10, svhn or none")
     g.add_argument("--model-ema", dest="model_ema", action=argparse.BooleanOptionalAction,
                    default=False, help="keep an exponential moving average of the weights")
     g.add_argument("--model-ema-steps", dest="model_ema_steps", type=int, default=32,
                    help="iterations between EMA updates")
-    g.add_argument("--model-ema-decay", dest="model_ema_decay", type=float, default=0.99998)
-    g.add_argument("--clip-grad-norm", dest="clip_grad_norm", type=float, default=None)
+    g.add_argument("--model-ema-decay", dest="model_ema_decay", type=float, default=0.99998,
+                   help="EMA decay per update")
+    g.add_argument("--clip-grad-norm", dest="clip_grad_norm", type=float, default=None,
+                   help="clip the gradient norm to this (default: no clipping)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="CUDA mixed precision (autocast + GradScaler)")
     g.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction,
@@ -195,17 +266,16 @@ def train_config(args, **overrides):
     return TrainConfig(**kw)
 
 
-def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA",
-                iterative_steps: int = 16, iters_per_step: int = 10) -> None:
+def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA") -> None:
     g = p.add_argument_group("pruning")
     g.add_argument("--importance_type", default=default_importance,
                    help="OBA, fastOBA, Weight, Taylor, Random, C-OBD, C-OBS, Kron-OBD, Kron-OBS, "
                         "Eigen, Slim")
-    g.add_argument("--iterative_steps", type=int, default=iterative_steps,
+    g.add_argument("--iterative_steps", type=int, default=PUBLISHED,
                    help="pruning steps of the exponential schedule to reach a target")
-    g.add_argument("--iters_per_step", type=int, default=iters_per_step,
+    g.add_argument("--iters_per_step", type=int, default=PUBLISHED,
                    help="batches used to estimate importance at every step")
-    g.add_argument("--max_pruning_ratio", type=float, default=0.95,
+    g.add_argument("--max_pruning_ratio", type=float, default=PUBLISHED,
                    help="no layer loses more than this fraction of its original channels")
     g.add_argument("--normalizer", default="max",
                    help="per-group score normalisation: max, mean, sum, standardization, none")
@@ -243,6 +313,20 @@ def add_pruning(p: argparse.ArgumentParser, default_importance: str = "OBA",
                         "(default: the larger of its kept input and output directions)")
     g.add_argument("--prune_heads", action=argparse.BooleanOptionalAction, default=False,
                    help="attention: remove whole heads")
+
+
+def settings(args) -> dict:
+    """Every flag's effective value for the records, JSON-safe: nothing is left out (tuples become
+    lists, other objects such as paths their text)."""
+    def plain(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return str(v)
+    return {k: plain(v) for k, v in vars(args).items()}
 
 
 def method_options(args, method, names=None) -> dict:

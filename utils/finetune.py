@@ -21,7 +21,7 @@ import torch.nn as nn
 from . import distributed as dist_utils
 from .checkpoint import (CheckpointError, check_writable, load_checkpoint, load_pruned_model,
                          save_pruned_model, write_json)
-from .cli import UsageError, train_config
+from .cli import UsageError, settings, train_config
 from .data import Loaders, build_loaders, shard_loaders
 from .engine import evaluate_metrics, seed_everything, train, use_deterministic_algorithms
 
@@ -165,8 +165,7 @@ def _run(args, info) -> int:
         "test_loss": m["loss"], "test_top1": m["top1"], "test_top5": m["top5"],
         "test_images": m["count"], "seconds": time.perf_counter() - t0,
         "history": result.history,
-        "settings": {k: v for k, v in vars(args).items()
-                     if isinstance(v, (int, float, str, bool, list)) or v is None},
+        "settings": settings(args),
     }
     if info.is_main:
         to_save = final.module if isinstance(final, nn.parallel.DistributedDataParallel) else final
