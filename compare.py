@@ -24,6 +24,7 @@ available cores / --jobs.
 """
 import argparse
 import csv
+import importlib
 import json
 import os
 import re
@@ -140,10 +141,8 @@ def base_args(args, criterion: str, extra=()):
     if args.mode == "unstructured":
         import train_unstructured_prune
         return train_unstructured_prune.parse(argv)
-    p = cli.parser("")
-    cli.add_common(p)
-    cli.add_pruning(p)
-    return cli.parse(p, argv)
+    script = importlib.import_module(Path(SCRIPTS[args.mode]).stem)
+    return cli.parse(script.build_parser(), argv)
 
 
 def prepare_dense(args) -> None:

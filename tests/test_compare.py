@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, assert_one_line_error, run_script
+from helpers import REPO, run_script
 
 SCRIPT = ["--num_epochs", "1", "--lr", "0.05", "--batch_size", "32", "--sl_num_epochs", "1",
           "--iterative_steps", "2", "--iters_per_step", "2", "--bn_recalibration_batches", "2",
@@ -59,7 +59,8 @@ def test_grid_writes_csv_table_plots_and_skips_finished_cells(tmp_path):
     for crit in ("Weight", "Taylor"):
         expected = sorted((float(r["achieved_ops_ratio"]), float(r["test_acc_finetuned"]))
                           for r in rows if r["criterion"] == crit)
-        assert plotted[crit] == pytest.approx(expected)
+        flat = [v for point in plotted[crit] for v in point]
+        assert flat == pytest.approx([v for point in expected for v in point])
 
     before = mtimes(out)
     again = run_script("compare.py", *grid(out))
@@ -124,10 +125,21 @@ def test_failed_cell_is_recorded_and_not_retried(tmp_path):
     (["--", "--seed", "3"], ["--seed", "compare.py"]),
     (["--", "--num_epochs", "-1"], ["--num_epochs"]),
 ])
-def test_bad_grid_requests_are_one_line_errors(tmp_path, bad, words):
+def test_bad_grid_requests_are_one_line_errors(tmp_path, capsys, bad, words):
+    """In this process, through the script's real error boundary (cli.run_main)."""
+    import compare
+    from utils import cli
     out = tmp_path / "grid"
     base = ["--dataset", "digits", "--model", "resnet8", "--output_dir", str(out)]
-    proc = run_script("compare.py", *base, *bad)
-    assert_one_line_error(proc, *words)
-    assert proc.returncode == 2
-    assert not (out / "cells").exists()
+    before = signal.getsignal(signal.SIGTERM)  # run_main installs its own handler
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run_main(compare.main, base + bad)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    assert not out.exists()
