@@ -119,17 +119,38 @@ def damped(factor: torch.Tensor, damping: float) -> torch.Tensor:
     return symmetrize(factor) + (damping * scale + floor) * eye
 
 
-def spd_inverse(factor: torch.Tensor) -> torch.Tensor:
-    """Inverse of a symmetric positive-definite factor, computed in float64."""
-    f64 = symmetrize(factor.double())
-    try:
-        chol = torch.linalg.cholesky(f64)
-        inv = torch.cholesky_inverse(chol)
-    except RuntimeError:  # numerically indefinite: fall back to the symmetric pseudo-inverse
+def _inverse_cholesky_factor(f64: torch.Tensor) -> Optional[torch.Tensor]:
+    """L⁻¹ for the Cholesky factor L of a float64 SPD matrix (A⁻¹ = L⁻ᵀ L⁻¹), or None when
+    the matrix is numerically indefinite. One triangular solve: several times faster than
+    torch.cholesky_inverse on CPU for the same result up to round-off."""
+    chol, info = torch.linalg.cholesky_ex(f64)
+    if bool(info.any()):
         warn_once("kfac-cholesky", "a K-FAC factor is not positive definite (Cholesky failed); "
                                    "its pseudo-inverse is used instead. A larger --damping avoids this")
+        return None
+    eye = torch.eye(f64.shape[-1], dtype=f64.dtype, device=f64.device)
+    return torch.linalg.solve_triangular(chol, eye, upper=False)
+
+
+def spd_inverse(factor: torch.Tensor) -> torch.Tensor:
+    """Inverse of a symmetric positive-definite factor, computed in float64 (the symmetric
+    pseudo-inverse when Cholesky fails)."""
+    f64 = symmetrize(factor.double())
+    chol_inv = _inverse_cholesky_factor(f64)
+    if chol_inv is None:
         inv = torch.linalg.pinv(f64, hermitian=True)
+    else:
+        inv = chol_inv.transpose(-1, -2) @ chol_inv
     return symmetrize(inv).to(factor.dtype)
+
+
+def spd_inverse_diagonal(factor: torch.Tensor) -> torch.Tensor:
+    """diag(factor⁻¹) without forming the inverse: Σ_k (L⁻¹)_ki² (float64, as spd_inverse)."""
+    f64 = symmetrize(factor.double())
+    chol_inv = _inverse_cholesky_factor(f64)
+    if chol_inv is None:
+        return torch.diagonal(torch.linalg.pinv(f64, hermitian=True)).to(factor.dtype)
+    return chol_inv.pow(2).sum(0).to(factor.dtype)
 
 
 def symmetric_eigh(factor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from .kfac import (LayerStatistics, collect_kfac_statistics, damped,
-                   matrix_to_parameters, named_matrix_scores, spd_inverse, weight_matrix)
+                   matrix_to_parameters, named_matrix_scores, spd_inverse,
+                   spd_inverse_diagonal, weight_matrix)
 from .registry import (DEFAULT_SCORE_MODE, Batch, CriterionError, Method, ScoreDict,
                        check_score_mode, preserved_state, register)
 
@@ -68,8 +69,8 @@ def c_obs_scores(model: nn.Module, batches: Iterable[Batch], loss_fn: Callable,
     stats = collect_kfac_statistics(model, batches, loss_fn, fisher_type=fisher_type)
 
     def score(_, theta, st):
-        s_inv = torch.diagonal(spd_inverse(damped(st.S, damping)))
-        a_inv = torch.diagonal(spd_inverse(damped(st.A, damping)))
+        s_inv = spd_inverse_diagonal(damped(st.S, damping))
+        a_inv = spd_inverse_diagonal(damped(st.A, damping))
         return theta.pow(2) / torch.outer(s_inv, a_inv)
     return _layer_scores(model, stats, score)
 

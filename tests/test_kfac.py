@@ -280,3 +280,18 @@ def test_worked_example_obs_wins_for_one_obd_for_two():
     deltas = torch.stack([-torch.ones_like(w3), -torch.ones_like(w3), w3 - 1], 1)
     brute = (0.5 * torch.einsum("ni,ij,nj->n", deltas, H, deltas)).min()
     assert two["obs_loss_change"] == pytest.approx(float(brute), abs=1e-6)
+
+
+def test_spd_inverse_and_its_diagonal_match_dense_inverse():
+    """The triangular-solve inverse (and the diagonal-only variant C-OBS uses) equal the
+    plain dense inverse up to round-off, in the factor's dtype."""
+    torch.manual_seed(3)
+    samples = torch.randn(7, 12)  # rank 7 < 12: only the damping makes it invertible
+    factor = kfac.damped(samples.t() @ samples / 7, 1e-2)
+    reference = torch.linalg.inv(factor)
+    torch.testing.assert_close(kfac.spd_inverse(factor), reference, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(kfac.spd_inverse_diagonal(factor), torch.diagonal(reference),
+                               rtol=1e-9, atol=1e-9)
+    as_float = kfac.spd_inverse_diagonal(factor.float())
+    assert as_float.dtype == torch.float32
+    torch.testing.assert_close(as_float, torch.diagonal(reference).float(), rtol=1e-4, atol=1e-4)
