@@ -295,3 +295,17 @@ def test_spd_inverse_and_its_diagonal_match_dense_inverse():
     as_float = kfac.spd_inverse_diagonal(factor.float())
     assert as_float.dtype == torch.float32
     torch.testing.assert_close(as_float, torch.diagonal(reference).float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("positions", [1, 4, 13, 30])
+@pytest.mark.parametrize("chunk", [1 << 24, 50])
+def test_both_per_example_square_forms_match_explicit_gradients(positions, chunk, monkeypatch):
+    """C-OBD's diagonal Σ_n (Σ_t s_nt a_ntᵀ)²: the pair form (small position counts) and the
+    per-example-gradient form (large ones) both equal an explicit loop over examples."""
+    torch.manual_seed(positions)
+    a, s = torch.randn(5, positions, 7), torch.randn(5, positions, 3)
+    explicit = sum((s[n].t() @ a[n]) ** 2 for n in range(5))
+    monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", chunk)  # 50: a few examples per chunk
+    for form in (kfac.per_example_squares_by_pairs, kfac.per_example_squares_by_gradients):
+        torch.testing.assert_close(form(a, s), explicit, rtol=1e-12, atol=1e-12)
+    assert kfac._pairs_are_cheaper(4) and not kfac._pairs_are_cheaper(30)
