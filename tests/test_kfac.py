@@ -309,3 +309,28 @@ def test_both_per_example_square_forms_match_explicit_gradients(positions, chunk
     for form in (kfac.per_example_squares_by_pairs, kfac.per_example_squares_by_gradients):
         torch.testing.assert_close(form(a, s), explicit, rtol=1e-12, atol=1e-12)
     assert kfac._pairs_are_cheaper(4) and not kfac._pairs_are_cheaper(30)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1),
+    lambda: nn.Conv2d(2, 4, (3, 2), dilation=(2, 1), padding="same", bias=False),
+    lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+    lambda: nn.Linear(6, 3)])
+def test_weight_products_equal_theta_times_full_factor(make):
+    """Kron-OBD/OBS read θA and mean(diag A) from the weight-gradient-style products; they equal
+    θ @ A and A's mean diagonal of the im2col factor."""
+    torch.manual_seed(4)
+    layer = make()
+    net = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(4, 2, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(4, 5, 6)
+    net(x)  # materialise the lazy layer
+    batches = [(x[:2], torch.randint(0, 3, (2,))), (x[2:], torch.randint(0, 3, (2,)))]
+    options = {"layers": {"l": layer}, "fisher_type": "empirical"}
+    full = kfac.collect_kfac_statistics(net, batches, nn.CrossEntropyLoss(), **options)
+    products = kfac.collect_kfac_statistics(net, batches, nn.CrossEntropyLoss(), full_input=False,
+                                            weight_products=True, **options)
+    A = full["l"].A
+    torch.testing.assert_close(products["l"].theta_A, _theta(layer) @ A, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(products["l"].A_diagonal_mean, torch.diagonal(A).mean(),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(products["l"].S, full["l"].S, rtol=1e-10, atol=1e-12)
