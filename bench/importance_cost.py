@@ -237,6 +237,34 @@ def markdown(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare(before_path: str, after_path: str) -> str:
+    """Markdown table of two --json outputs side by side, with after/before ratios."""
+    with open(before_path) as f:
+        before = {(r["model"], r["method"]): r for r in json.load(f)}
+    with open(after_path) as f:
+        after = json.load(f)
+
+    def cell(r, key):
+        return "-" if r is None or r[key] is None else f"{r[key]:.1f}"
+
+    def ratio(b, a, key):
+        if b is None or a[key] is None or not b[key]:
+            return "-"
+        return f"{a[key] / b[key]:.2f}"
+    lines = ["| model | method | per batch × train: before → after | per step × train: before → "
+             "after | peak × train: before → after | s per batch after/before | s per step "
+             "after/before | peak after/before |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for a in after:
+        b = before.get((a["model"], a["method"]))
+        lines.append(
+            f"| {a['model']} | {a['method']} | {cell(b, 'batch_x_train')} → "
+            f"{cell(a, 'batch_x_train')} | {cell(b, 'step_x_train')} → {cell(a, 'step_x_train')} | "
+            f"{cell(b, 'peak_x_train')} → {cell(a, 'peak_x_train')} | "
+            f"{ratio(b, a, 'batch_s')} | {ratio(b, a, 'step_s')} | {ratio(b, a, 'peak_bytes')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -251,7 +279,12 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         help="criteria to measure (the training step is always measured)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                        help="print a before/after table of two --json files and stop")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare(*args.compare))
+        return
     if args.repeats < 1 or args.step_repeats < 1:
         parser.error("--repeats and --step_repeats must be at least 1")
     if args.threads:
