@@ -1,34 +1,43 @@
-"""Cost of one importance batch relative to one training step.
+"""Cost of every importance criterion relative to one training step.
 
-    python bench/importance_cost.py                      # CPU: vgg19, resnet32 (b64), vit_b_16 (b2)
-    python bench/importance_cost.py --device cuda        # CUDA: vit_b_16 at batch 32
-    python bench/importance_cost.py --models resnet32 --repeats 9 --threads 2
+    python bench/importance_cost.py                        # CPU: vgg19 and resnet32, batch 64
+    python bench/importance_cost.py --models resnet32 --repeats 3 --threads 2 --json out.json
+    python bench/importance_cost.py --device cuda --methods OBA Kron-OBS
 
-For every model it times, interleaved round-robin after one warm-up call each:
-  train    forward + backward + zero_grad (no optimiser step)
-  Taylor   θ ⊙ g (one forward, one backward)
-  OBA      θ ⊙ H̃θ (pruners.oba.oba_batch_scores)
-  fastOBA2 θ ⊙ Hθ  (pruners.fastoba.fastoba_batch_scores, order 2)
-  nested2  θ ⊙ Hθ by plain double backward through the full gradient (the reference fastOBA(2)
-           is measured against; pruners.fastoba.nested_scores)
-and prints median seconds per batch and the ratio to the training step. All in train mode.
+Every criterion runs through the registry, as the pruning driver calls it:
+get_method(name).score(model, [(x, y)], CrossEntropyLoss()) in train mode. `train` is one
+forward + backward + zero_grad (no optimiser step); every ratio is to it.
 
-Peak memory per method:
-  CUDA: torch.cuda.max_memory_allocated during one call minus the memory allocated before it.
-  CPU:  peak resident set size of a fresh process running one call: the kernel's high-water mark
-        (VmHWM) is reset through /proc/self/clear_refs after the model and batch are built, and
-        the reported figure is VmHWM after the call minus VmRSS before it. It includes allocator
-        caching and anything else the process touched, so it is an upper bound on tensor memory.
+The K-FAC family (C-OBD, C-OBS, Kron-OBD, Kron-OBS, Eigen) has two costs, reported apart:
+  per batch  collect_kfac_statistics with the options the criterion passes (factors, θA,
+             per-example squares): paid on every importance batch;
+  per step   what the criterion does with the statistics (inverses, eigendecompositions, the
+             scores): paid once per pruning step, whatever the number of batches. Timed as the
+             criterion's own score call with the statistics handed in ready; for Eigen, the
+             eigenbases of every layer its structured pruning builds.
+The other criteria have only a per-batch cost.
+
+Timing: one first call per method (it also measures memory, below), then `--repeats` rounds,
+round-robin over the methods, of the per-batch part; the median is reported. The per-step part
+is timed `--step_repeats` times (median).
+
+Peak memory of one first call (the whole criterion: statistics and per-step part), above what
+was allocated before it, and as a multiple of the training step's:
+  CUDA  torch.cuda.max_memory_allocated, reset before the call;
+  CPU   the peak of live tensor storage bytes created during the call, followed op by op with a
+        TorchDispatchMode (storages tracked by weak reference, so frees are seen). Deterministic;
+        it counts tensors, not allocator caching or kernels' private workspaces.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+from typing import Callable, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -36,12 +45,16 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from models import get_model  # noqa: E402
-from pruners.fastoba import fastoba_batch_scores, nested_scores  # noqa: E402
-from pruners.oba import oba_batch_scores  # noqa: E402
+from pruners import eigendamage, kfac_criteria  # noqa: E402
+from pruners.registry import get_method  # noqa: E402
 
-METHODS = ("train", "Taylor", "OBA", "fastOBA2", "nested2")
+KFAC_METHODS = ("C-OBD", "C-OBS", "Kron-OBD", "Kron-OBS", "Eigen")
+METHODS = ("Weight", "Random", "Taylor", "OBA", "fastOBA") + KFAC_METHODS
 RESOLUTION = {"vit_b_16": 224, "resnet50": 224}
 
 
@@ -60,22 +73,121 @@ def build(model_name: str, batch_size: int, device: str, seed: int = 0):
     return model, x, y
 
 
-def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+
+class LiveTensorPeak(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the mode and still alive, op by op."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: Dict[int, tuple] = {}  # storage address -> (weak reference, bytes)
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._release_expired()
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                ref = StorageWeakRef(storage)
+                if ref.cdata not in self.live:
+                    self.live[ref.cdata] = (ref, storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def _release_expired(self):
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+
+
+def measure_peak(fn: Callable, device: str) -> int:
+    """Peak bytes allocated by one call of fn (see the module docstring)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    tracker = LiveTensorPeak()
+    with tracker:
+        fn()
+    return tracker.peak
+
+
+# ---------------------------------------------------------------------------------------------
+# The calls
+
+class StatisticsRecorder:
+    """Context manager: while active, the K-FAC criteria's calls of collect_kfac_statistics are
+    recorded (options and result); with `replay` set they get the recorded result instead."""
+
+    MODULES = (kfac_criteria, eigendamage)
+
+    def __init__(self, original: Callable):
+        self.original, self.calls, self.replay = original, [], False
+
+    def __call__(self, model, batches, loss_fn, **options):
+        if self.replay:
+            return self.calls[-1][1]
+        result = self.original(model, batches, loss_fn, **options)
+        self.calls.append((options, result))
+        return result
+
+    @contextlib.contextmanager
+    def active(self, replay: bool = False):
+        self.replay = replay
+        saved = [m.collect_kfac_statistics for m in self.MODULES]
+        for m in self.MODULES:
+            m.collect_kfac_statistics = self
+        try:
+            yield self
+        finally:
+            for m, f in zip(self.MODULES, saved):
+                m.collect_kfac_statistics = f
+
+
+def make_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: List[str]):
+    """{method: (first call, per-batch call, per-step call or None)}."""
     loss_fn = nn.CrossEntropyLoss()
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def train():
         loss_fn(model(x), y).backward()
         model.zero_grad(set_to_none=True)
 
-    def taylor():
-        grads = torch.autograd.grad(loss_fn(model(x), y), params)
-        return [p.detach() * g for p, g in zip(params, grads)]
+    calls = {"train": (train, train, None)}
+    for name in methods:
+        method = get_method(name)
 
-    return {"train": train, "Taylor": taylor,
-            "OBA": lambda: oba_batch_scores(model, x, y, loss_fn),
-            "fastOBA2": lambda: fastoba_batch_scores(model, x, y, loss_fn, order=2),
-            "nested2": lambda: nested_scores(model, x, y, loss_fn, order=2)}
+        def score(method=method):
+            return method.score(model, [(x, y)], loss_fn)
+        if name not in KFAC_METHODS:
+            calls[name] = (score, score, None)
+            continue
+        recorder = StatisticsRecorder(kfac_criteria.collect_kfac_statistics)
+
+        def first(recorder=recorder, score=score):
+            with recorder.active():
+                return score()
+
+        def per_batch(recorder=recorder, method=method):
+            options = recorder.calls[-1][0]
+            with torch.enable_grad():
+                return recorder.original(model, [(x, y)], loss_fn, **options)
+
+        if name == "Eigen":
+            def per_step(recorder=recorder):
+                stats = eigendamage.EigenStatistics(recorder.calls[-1][1])
+                modules = dict(model.named_modules())
+                return [stats.eigenbasis(key, modules[key]) for key in stats.layers]
+        else:
+            def per_step(recorder=recorder, score=score):
+                with recorder.active(replay=True):
+                    return score()
+        calls[name] = (first, per_batch, per_step)
+    return calls
 
 
 def _sync(device: str):
@@ -83,100 +195,114 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def time_methods(model_name, batch_size, device, repeats, methods):
+def _timed(fn: Callable, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run_model(model_name, batch_size, device, repeats, step_repeats, methods) -> List[dict]:
     model, x, y = build(model_name, batch_size, device)
-    steps = make_steps(model, x, y)
-    times = {m: [] for m in methods}
-    for m in methods:  # warm-up
-        steps[m]()
+    calls = make_calls(model, x, y, methods)
+    names = list(calls)
+    peak = {m: measure_peak(calls[m][0], device) for m in names}  # also the warm-up
+    per_batch = {m: [] for m in names}
     for _ in range(repeats):
-        for m in methods:
-            _sync(device)
-            start = time.perf_counter()
-            steps[m]()
-            _sync(device)
-            times[m].append(time.perf_counter() - start)
-    return {m: statistics.median(t) for m, t in times.items()}
+        for m in names:
+            per_batch[m].append(_timed(calls[m][1], device))
+    per_step = {m: statistics.median(_timed(calls[m][2], device) for _ in range(step_repeats))
+                for m in names if calls[m][2] is not None}
+    train_s, train_peak = statistics.median(per_batch["train"]), max(peak["train"], 1)
+    rows = []
+    for m in names:
+        batch_s = statistics.median(per_batch[m])
+        step_s = per_step.get(m)
+        rows.append({"model": model_name, "batch": batch_size, "method": m,
+                     "batch_s": batch_s, "batch_x_train": batch_s / train_s,
+                     "step_s": step_s, "step_x_train": None if step_s is None else step_s / train_s,
+                     "peak_bytes": peak[m], "peak_x_train": peak[m] / train_peak})
+    return rows
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def markdown(rows: List[dict]) -> str:
+    lines = ["| model | method | per batch s | × train | per step s | × train | peak MiB | × train |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        step = ("-", "-") if r["step_s"] is None else (f"{r['step_s']:.2f}", f"{r['step_x_train']:.1f}")
+        lines.append(f"| {r['model']} | {r['method']} | {r['batch_s']:.2f} | "
+                     f"{r['batch_x_train']:.1f} | {step[0]} | {step[1]} | "
+                     f"{r['peak_bytes'] / 2 ** 20:.0f} | {r['peak_x_train']:.1f} |")
+    return "\n".join(lines)
 
 
-def peak_memory_mib(model_name, batch_size, device, method) -> float:
-    """Peak memory of one call of `method` (see module docstring for what is measured)."""
-    model, x, y = build(model_name, batch_size, device)
-    step = make_steps(model, x, y)[method]
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = _status_kib("VmRSS")
-    step()
-    return (_status_kib("VmHWM") - base) / 1024
+def compare(before_path: str, after_path: str) -> str:
+    """Markdown table of two --json outputs side by side, with after/before ratios."""
+    with open(before_path) as f:
+        before = {(r["model"], r["method"]): r for r in json.load(f)}
+    with open(after_path) as f:
+        after = json.load(f)
 
+    def cell(r, key):
+        return "-" if r is None or r[key] is None else f"{r[key]:.1f}"
 
-def memory_in_subprocess(model_name, batch_size, device, method, threads) -> float:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory_probe", model_name, method,
-           "--device", device, "--batch_size", str(batch_size)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    def ratio(b, a, key):
+        if b is None or a[key] is None or not b[key]:
+            return "-"
+        return f"{a[key] / b[key]:.2f}"
+    lines = ["| model | method | per batch × train: before → after | per step × train: before → "
+             "after | peak × train: before → after | s per batch after/before | s per step "
+             "after/before | peak after/before |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for a in after:
+        b = before.get((a["model"], a["method"]))
+        lines.append(
+            f"| {a['model']} | {a['method']} | {cell(b, 'batch_x_train')} → "
+            f"{cell(a, 'batch_x_train')} | {cell(b, 'step_x_train')} → {cell(a, 'step_x_train')} | "
+            f"{cell(b, 'peak_x_train')} → {cell(a, 'peak_x_train')} | "
+            f"{ratio(b, a, 'batch_s')} | {ratio(b, a, 'step_s')} | {ratio(b, a, 'peak_bytes')} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--models", nargs="+", default=["vgg19", "resnet32", "vit_b_16"])
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per method (default 5; 2 for 224 px models on CPU)")
+    parser.add_argument("--models", nargs="+", default=["vgg19", "resnet32"])
     parser.add_argument("--batch_size", type=int, default=None,
-                        help="override every model's batch size")
+                        help="override every model's batch size (default 64; 224 px models: "
+                             "32 on CUDA, 2 on CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of per-batch calls")
+    parser.add_argument("--step_repeats", type=int, default=1,
+                        help="timed calls of each K-FAC criterion's per-step part")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                        help="what to time (train is always included: ratios are to it)")
-    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument("--_memory_probe", nargs=2, metavar=("MODEL", "METHOD"),
-                        help=argparse.SUPPRESS)
+                        help="criteria to measure (the training step is always measured)")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                        help="print a before/after table of two --json files and stop")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare(*args.compare))
+        return
+    if args.repeats < 1 or args.step_repeats < 1:
+        parser.error("--repeats and --step_repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args._memory_probe:
-        name, method = args._memory_probe
-        batch = args.batch_size or default_batch(name, args.device)
-        print(json.dumps({"peak_mib": peak_memory_mib(name, batch, args.device, method)}))
-        return
-
-    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    header = f"{'model':10} {'batch':>5} {'method':9} {'median s':>9} {'x train':>8} " \
-             f"{'peak MiB':>9}"
-    print(header)
-    print("-" * len(header))
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}",
+          flush=True)
+    rows = []
     for name in args.models:
         batch = args.batch_size or default_batch(name, args.device)
-        repeats = args.repeats or (2 if RESOLUTION.get(name) == 224 and args.device == "cpu"
-                                   else 5)
-        methods = ["train"] + [m for m in args.methods if m != "train"]
-        medians = time_methods(name, batch, args.device, repeats, methods)
-        for m in methods:
-            mem = "-" if args.no_memory else \
-                f"{memory_in_subprocess(name, batch, args.device, m, args.threads):9.0f}"
-            print(f"{name:10} {batch:5d} {m:9} {medians[m]:9.3f} "
-                  f"{medians[m] / medians['train']:8.2f} {mem:>9}", flush=True)
-    print("peak MiB: " + ("CUDA max_memory_allocated during one call above the allocation "
-                          "before it" if args.device.startswith("cuda") else
-                          "peak RSS (VmHWM, reset via /proc/self/clear_refs) of a fresh process "
-                          "during one call above its RSS before it"))
+        rows += run_model(name, batch, args.device, args.repeats, args.step_repeats, args.methods)
+    print(markdown(rows))
+    print("per batch: median seconds of the per-batch part (K-FAC family: the statistics); "
+          "per step: the K-FAC family's factorisation and scoring, once per pruning step; "
+          "peak: " + ("CUDA max_memory_allocated of one call" if args.device.startswith("cuda")
+                      else "peak live tensor bytes of one call (TorchDispatchMode)"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from typing import Callable, Dict, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .kfac import (LayerStatistics, collect_kfac_statistics, damped,
-                   matrix_to_parameters, named_matrix_scores, spd_inverse, weight_matrix)
+from .kfac import (LayerStatistics, collect_kfac_statistics, damped, damping_shift,
+                   matrix_to_parameters, named_matrix_scores, spd_inverse,
+                   spd_inverse_diagonal, weight_matrix)
 from .registry import (DEFAULT_SCORE_MODE, Batch, CriterionError, Method, ScoreDict,
                        check_score_mode, preserved_state, register)
 
@@ -68,8 +69,8 @@ def c_obs_scores(model: nn.Module, batches: Iterable[Batch], loss_fn: Callable,
     stats = collect_kfac_statistics(model, batches, loss_fn, fisher_type=fisher_type)
 
     def score(_, theta, st):
-        s_inv = torch.diagonal(spd_inverse(damped(st.S, damping)))
-        a_inv = torch.diagonal(spd_inverse(damped(st.A, damping)))
+        s_inv = spd_inverse_diagonal(damped(st.S, damping))
+        a_inv = spd_inverse_diagonal(damped(st.A, damping))
         return theta.pow(2) / torch.outer(s_inv, a_inv)
     return _layer_scores(model, stats, score)
 
@@ -78,10 +79,11 @@ def kron_obd_scores(model: nn.Module, batches: Iterable[Batch], loss_fn: Callabl
                     fisher_type: str = "true", damping: float = DEFAULT_DAMPING,
                     obs_update: bool = True) -> ScoreDict:
     """s_ij = ½ S_ii θ_ij (Aθ_i)_j; no inverse, so the undamped factors are used."""
-    stats = collect_kfac_statistics(model, batches, loss_fn, fisher_type=fisher_type)
+    stats = collect_kfac_statistics(model, batches, loss_fn, fisher_type=fisher_type,
+                                    full_input=False, weight_products=True)
 
     def score(_, theta, st):
-        return 0.5 * torch.diagonal(st.S).unsqueeze(1) * theta * (theta @ st.A)
+        return 0.5 * torch.diagonal(st.S).unsqueeze(1) * theta * st.theta_A
     return _layer_scores(model, stats, score)
 
 
@@ -91,14 +93,15 @@ def kron_obs_scores(model: nn.Module, batches: Iterable[Batch], loss_fn: Callabl
     """s_ij = ½ θ_ij (A θ_i)_j / [S⁻¹]_ii of the damped factors; keeps S⁻¹ per layer in
     KRON_OBS.state for the compensating update."""
     _check_damping(damping)
-    stats = collect_kfac_statistics(model, batches, loss_fn, fisher_type=fisher_type)
+    stats = collect_kfac_statistics(model, batches, loss_fn, fisher_type=fisher_type,
+                                    full_input=False, weight_products=True)
     inverses: Dict[str, torch.Tensor] = {}
 
     def score(name, theta, st):
         s_inv = spd_inverse(damped(st.S, damping))
         inverses[name] = s_inv
-        a_damped = damped(st.A, damping)
-        return 0.5 * theta * (theta @ a_damped) / torch.diagonal(s_inv).unsqueeze(1)
+        theta_a_damped = st.theta_A + damping_shift(st.A_diagonal_mean, damping) * theta
+        return 0.5 * theta * theta_a_damped / torch.diagonal(s_inv).unsqueeze(1)
     scores = _layer_scores(model, stats, score)
     KRON_OBS.state.clear()
     KRON_OBS.state.update(S_inverse=inverses, obs_update=bool(obs_update))

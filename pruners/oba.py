@@ -111,6 +111,18 @@ def _tangent(t):
     return None if tangent is None else tangent.detach()
 
 
+def _with_constant_tangent(t):
+    """t with its tangent detached: tangents are constants of the surrogate, and the autograd
+    graph forward AD builds for them (the jvp of every op, with its saved tensors) would
+    otherwise stay alive as long as t does."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    primal, tangent = fwAD.unpack_dual(t)
+    if tangent is None or tangent.grad_fn is None:
+        return t
+    return fwAD.make_dual(primal, tangent.detach())
+
+
 class _BilinearTracer(decomposed_attention):
     """Sees every torch call of the forward pass; builds tangents and sinks at bilinear nodes."""
 
@@ -131,7 +143,8 @@ class _BilinearTracer(decomposed_attention):
         if parts is not None:  # before opening: torch.einsum is a Python-level function
             out = self._bilinear(func, args, kwargs, *parts)
         else:
-            out = super().__torch_function__(func, types_, args, kwargs)
+            out = map_tensors(super().__torch_function__(func, types_, args, kwargs),
+                              _with_constant_tangent)
         self._track_static(args, kwargs, out)
         return out
 

@@ -280,3 +280,57 @@ def test_worked_example_obs_wins_for_one_obd_for_two():
     deltas = torch.stack([-torch.ones_like(w3), -torch.ones_like(w3), w3 - 1], 1)
     brute = (0.5 * torch.einsum("ni,ij,nj->n", deltas, H, deltas)).min()
     assert two["obs_loss_change"] == pytest.approx(float(brute), abs=1e-6)
+
+
+def test_spd_inverse_and_its_diagonal_match_dense_inverse():
+    """The triangular-solve inverse (and the diagonal-only variant C-OBS uses) equal the
+    plain dense inverse up to round-off, in the factor's dtype."""
+    torch.manual_seed(3)
+    samples = torch.randn(7, 12)  # rank 7 < 12: only the damping makes it invertible
+    factor = kfac.damped(samples.t() @ samples / 7, 1e-2)
+    reference = torch.linalg.inv(factor)
+    torch.testing.assert_close(kfac.spd_inverse(factor), reference, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(kfac.spd_inverse_diagonal(factor), torch.diagonal(reference),
+                               rtol=1e-9, atol=1e-9)
+    as_float = kfac.spd_inverse_diagonal(factor.float())
+    assert as_float.dtype == torch.float32
+    torch.testing.assert_close(as_float, torch.diagonal(reference).float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("positions", [1, 4, 13, 30])
+@pytest.mark.parametrize("chunk", [1 << 24, 50])
+def test_both_per_example_square_forms_match_explicit_gradients(positions, chunk, monkeypatch):
+    """C-OBD's diagonal Σ_n (Σ_t s_nt a_ntᵀ)²: the pair form (small position counts) and the
+    per-example-gradient form (large ones) both equal an explicit loop over examples."""
+    torch.manual_seed(positions)
+    a, s = torch.randn(5, positions, 7), torch.randn(5, positions, 3)
+    explicit = sum((s[n].t() @ a[n]) ** 2 for n in range(5))
+    monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", chunk)  # 50: a few examples per chunk
+    for form in (kfac.per_example_squares_by_pairs, kfac.per_example_squares_by_gradients):
+        torch.testing.assert_close(form(a, s), explicit, rtol=1e-12, atol=1e-12)
+    assert kfac._pairs_are_cheaper(4) and not kfac._pairs_are_cheaper(30)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1),
+    lambda: nn.Conv2d(2, 4, (3, 2), dilation=(2, 1), padding="same", bias=False),
+    lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+    lambda: nn.Linear(6, 3)])
+def test_weight_products_equal_theta_times_full_factor(make):
+    """Kron-OBD/OBS read θA and mean(diag A) from the weight-gradient-style products; they equal
+    θ @ A and A's mean diagonal of the im2col factor."""
+    torch.manual_seed(4)
+    layer = make()
+    net = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(4, 2, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(4, 5, 6)
+    net(x)  # materialise the lazy layer
+    batches = [(x[:2], torch.randint(0, 3, (2,))), (x[2:], torch.randint(0, 3, (2,)))]
+    options = {"layers": {"l": layer}, "fisher_type": "empirical"}
+    full = kfac.collect_kfac_statistics(net, batches, nn.CrossEntropyLoss(), **options)
+    products = kfac.collect_kfac_statistics(net, batches, nn.CrossEntropyLoss(), full_input=False,
+                                            weight_products=True, **options)
+    A = full["l"].A
+    torch.testing.assert_close(products["l"].theta_A, _theta(layer) @ A, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(products["l"].A_diagonal_mean, torch.diagonal(A).mean(),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(products["l"].S, full["l"].S, rtol=1e-10, atol=1e-12)
