@@ -134,7 +134,7 @@ def test_benches_keep_their_own_settings():
 
 def test_demo_passes_its_own_settings():
     make = (REPO / "Makefile").read_text()
-    demo = _flat(make.split("\ndemo:")[1].split("\ntest:")[0]).replace("\\", "")
+    demo = _flat(make.split("\ndemo:")[1].split("\n\n")[0]).replace("\\", "")
     argv = demo.split("train_prune.py", 1)[1].split()
     args = parsed("train_prune.py", *argv)
     assert (args.num_epochs, args.lr, args.milestones, args.weight_decay, args.batch_size) == (
@@ -142,6 +142,18 @@ def test_demo_passes_its_own_settings():
     assert (args.sl_num_epochs, args.sl_lr, args.sl_milestones, args.sl_weight_decay) == (
         3, 0.01, [1, 2], 5e-4)
     assert (args.iterative_steps, args.iters_per_step) == (8, 4)
+
+
+def test_grid_demo_flags_are_valid():
+    """`make grid-demo`'s command line parses, its flags after `--` included."""
+    import compare
+    make = (REPO / "Makefile").read_text()
+    demo = _flat(make.split("\ngrid-demo:")[1].split("\n\n")[0]).replace("\\", "")
+    args = compare.parse(demo.split("compare.py", 1)[1].split())
+    assert args.dataset == "digits" and args.mode == "oneshot"
+    for criterion, extra in args.series.values():
+        run = compare.base_args(args, criterion, extra)
+        assert (run.sl_num_epochs, run.iterative_steps, run.iters_per_step) == (2, 4, 2)
 
 
 def test_settings_record_keeps_every_value():
