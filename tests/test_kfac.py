@@ -10,13 +10,7 @@ from pruners.kfac_criteria import (KRON_OBS, kron_obs_compensate, obd_obs_loss_c
 from pruners.registry import get_method, parameter_scores
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """These checks are float64 maths; restore the default so other test files are unaffected."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 maths
 
 
 class LinearNet(nn.Module):

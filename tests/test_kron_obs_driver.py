@@ -15,12 +15,7 @@ from pruners.registry import get_method
 DAMPING = 1e-2
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 maths
 
 
 def _net(widths=(4,), seed=0):
