@@ -306,7 +306,8 @@ def cell_row(args, criterion, seed, target) -> dict:
         error = json.loads(failed.read_text())["error"] if failed.exists() else "not run"
         return {**row, "status": "failed", "error": error}
     r = json.loads(path.read_text())
-    row.update(status="done", error=None, result_path=str(path),
+    # relative to the output folder, so the folder can be moved or committed as a whole
+    row.update(status="done", error=None, result_path=str(path.relative_to(args.output_dir)),
                test_acc_dense=r.get("test_acc_dense"), test_acc_pruned=r.get("test_acc_pruned"),
                test_acc_finetuned=r.get("test_acc_finetuned"),
                test_loss_pruned=r.get("test_loss_pruned"))

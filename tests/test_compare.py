@@ -36,7 +36,7 @@ def test_grid_writes_csv_table_plots_and_skips_finished_cells(tmp_path):
     cells = json.loads((out / "results.json").read_text())
     for row, cell in zip(rows, cells):
         assert row["status"] == "done" and cell["status"] == "done"
-        rec = json.loads(Path(cell["result_path"]).read_text())
+        rec = json.loads((out / cell["result_path"]).read_text())
         # the CSV carries the cell's own numbers, not something recomputed
         assert float(row["test_acc_finetuned"]) == pytest.approx(rec["test_acc_finetuned"])
         assert float(row["achieved_ops_ratio"]) == pytest.approx(rec["achieved_ops_ratio"])
@@ -97,7 +97,7 @@ def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):
     assert [(r["criterion"], r["status"]) for r in rows] == [("Weight@base", "done"),
                                                            ("Weight@nonorm", "done")]
     assert rows[1]["variant_flags"] == "--normalizer none"
-    nonorm = json.loads(Path(rows[1]["result_path"]).read_text())
+    nonorm = json.loads((out / rows[1]["result_path"]).read_text())
     assert nonorm["settings"]["normalizer"] == "none"
     assert json.loads(first.read_text())["settings"]["normalizer"] == "max"
 
