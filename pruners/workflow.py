@@ -324,7 +324,8 @@ def prune_and_finetune(ctx: Context, model: nn.Module, target: float, dense: dic
     ft = finetune(ctx, model, tdir, desc=f"fine-tune ops {target:g}")
     final = test_metrics(ctx, model)
     record = pruned_record(ctx, model, target, dense, prune_info)
-    record.update(layer_keep_fraction=layer_keep_fraction(model, original_widths),
+    record.update(layer_keep_fraction=layer_keep_fraction(model, original_widths,
+                                                          ctx.example_inputs[:1]),
                   test_acc_finetuned=final["top1"], test_top5_finetuned=final["top5"],
                   val_acc_finetuned_best=ft["best_val_acc"], seconds_finetune=ft["seconds"])
     save_pruned_model(model, tdir / "pruned_model.pth", results=record, **model_identity(ctx))
@@ -358,19 +359,31 @@ def pruned_record(ctx: Context, model: nn.Module, target: float, dense: dict,
     return record
 
 
-def layer_keep_fraction(model: nn.Module, original_widths: Dict) -> Dict[str, float]:
-    """{layer: fraction of its original output channels kept}, in network order. A layer that
-    EigenDamage turned into a bottleneck counts the width of its core (the kept eigenbasis)."""
-    fractions = {}
+def layer_keep_fraction(model: nn.Module, original_widths: Dict,
+                        example_inputs: torch.Tensor) -> Dict[str, float]:
+    """{layer: fraction of its original output channels kept}, in the order the layers run on
+    `example_inputs`. A layer that EigenDamage turned into a bottleneck counts the width of its
+    core (the kept eigenbasis)."""
     modules = dict(model.named_modules())
-    for name, widths in original_widths.items():
-        module = modules.get(name)
-        if module is None:
-            continue
-        module = getattr(module, "core", module)
+    order, hooks = [], []
+    for name in original_widths:
+        if name in modules:
+            hooks.append(modules[name].register_forward_hook(
+                lambda m, i, o, name=name: order.append(name) if name not in order else None))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example_inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    fractions = {}
+    for name in order + [n for n in original_widths if n in modules and n not in order]:
+        module = getattr(modules[name], "core", modules[name])
         kept = getattr(module, "out_channels", getattr(module, "out_features", None))
         if kept is not None:
-            fractions[name] = kept / widths["out"]
+            fractions[name] = kept / original_widths[name]["out"]
     return fractions
 
 
