@@ -325,7 +325,8 @@ def cell_row(args, criterion, seed, target) -> dict:
                    seconds_finetune=r.get("seconds_finetune"),
                    wall_seconds=sum(r.get(k) or 0.0 for k in
                                     ("seconds_importance", "seconds_pruning", "seconds_finetune")),
-                   layer_keep_fraction=r.get("layer_keep_fraction", {}))
+                   layer_keep_fraction=r.get("layer_keep_fraction", {}),
+                   layer_order=r.get("layer_order"))
     return row
 
 
@@ -382,4 +383,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    cli.run_main(main, resume_hint="run the same command again to continue (finished cells are kept)")

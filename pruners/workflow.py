@@ -324,8 +324,8 @@ def prune_and_finetune(ctx: Context, model: nn.Module, target: float, dense: dic
     ft = finetune(ctx, model, tdir, desc=f"fine-tune ops {target:g}")
     final = test_metrics(ctx, model)
     record = pruned_record(ctx, model, target, dense, prune_info)
-    record.update(layer_keep_fraction=layer_keep_fraction(model, original_widths,
-                                                          ctx.example_inputs[:1]),
+    kept = layer_keep_fraction(model, original_widths, ctx.example_inputs[:1])
+    record.update(layer_keep_fraction=kept, layer_order=list(kept),  # JSON keys get sorted
                   test_acc_finetuned=final["top1"], test_top5_finetuned=final["top5"],
                   val_acc_finetuned_best=ft["best_val_acc"], seconds_finetune=ft["seconds"])
     save_pruned_model(model, tdir / "pruned_model.pth", results=record, **model_identity(ctx))

@@ -408,7 +408,8 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> None:
+def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None,
+             resume_hint: str = "run again with --resume to continue") -> None:
     """Run a script's main(); bad input -> one line on stderr and exit 2, a run-time failure
     (utils.log.RunFailure) -> one line and exit 1, Ctrl-C -> exit 130, SIGTERM -> exit 143
     (both after the `finally` blocks ran: no partial file is left, checkpoints are intact)."""
@@ -422,7 +423,7 @@ def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
         code = main(argv)
     except KeyboardInterrupt as err:
         what = "terminated" if isinstance(err, Terminated) else "interrupted"
-        print(f"\n{prog}: {what}; run again with --resume to continue", file=sys.stderr)
+        print(f"\n{prog}: {what}; {resume_hint}", file=sys.stderr)
         sys.exit(143 if isinstance(err, Terminated) else 130)
     except Exception as err:  # noqa: BLE001 - only our own user errors are turned into one line
         from utils.log import RunFailure

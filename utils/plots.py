@@ -31,6 +31,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +330,20 @@ def loss_figure(cells: List[dict], ident, styles: Styles) -> Optional[Figure]:
     return fig
 
 
+def _layer_order(cell: dict) -> List[str]:
+    """The cell's layers in network order: its `layer_order` list when recorded (JSON files sort
+    the keys of `layer_keep_fraction`), else the dict's own order unless that is alphabetical
+    (then the order was lost: natural order, features.3 before features.10)."""
+    fractions = cell["layer_keep_fraction"]
+    order = cell.get("layer_order")
+    if isinstance(order, list) and set(order) == set(fractions):
+        return order
+    if list(fractions) != sorted(fractions):  # insertion order survived: it is the network's
+        return list(fractions)
+    return sorted(fractions, key=lambda n: [int(t) if t.isdigit() else t
+                                            for t in re.split(r"(\d+)", n)])
+
+
 def layers_figure(cells: List[dict], ident, styles: Styles, target: Optional[float] = None,
                   say: Optional[Say] = print) -> Tuple[Optional[float], Optional[Figure]]:
     """Fraction of every layer's output channels kept at one target (EigenDamage Figure 4).
@@ -346,7 +361,7 @@ def layers_figure(cells: List[dict], ident, styles: Styles, target: Optional[flo
     at = [c for c in cells if _tkey(c["target"]) == chosen]
     names: Dict[str, None] = {}
     for c in at:  # network order; a layer only some criteria report keeps its place
-        for name in c["layer_keep_fraction"]:
+        for name in _layer_order(c):
             names.setdefault(name, None)
     names = list(names)
     per_crit: Dict[str, List[dict]] = {}
