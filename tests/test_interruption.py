@@ -30,6 +30,12 @@ RUN = ["--num_epochs", "2", "--sl_num_epochs", "2", "--batch_size", "128", "--it
 TIMING = ("seconds_importance", "seconds_pruning", "seconds_finetune")
 
 
+def default_sigint():
+    """A shell starts background jobs with SIGINT ignored and children inherit that; the test
+    sends SIGINT as Ctrl-C would, so give the run the default disposition whatever ran pytest."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(tmp, *extra, pause=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop(PAUSE_ENV, None)
@@ -39,7 +45,7 @@ def start(tmp, *extra, pause=None):
     proc = subprocess.Popen([sys.executable, str(REPO / "train_prune.py"), *RUN,
                              "--output_dir", str(tmp / "out"), "--save_path_prefix",
                              str(tmp / "ckpt"), *extra], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, cwd=REPO)
+                            env=env, cwd=REPO, preexec_fn=default_sigint)
     proc.log = log
     return proc
 
