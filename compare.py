@@ -25,6 +25,7 @@ available cores / --jobs.
 import argparse
 import csv
 import importlib
+import io
 import json
 import os
 import re
@@ -339,16 +340,11 @@ def write_results(args, rows) -> None:
     from utils.plots import summary_table
     out = Path(args.output_dir)
     write_json(rows, out / "results.json")
-    lines = []
-
-    class Sink:
-        def write(self, s):
-            lines.append(s)
-    writer = csv.DictWriter(Sink(), fieldnames=CSV_COLUMNS, extrasaction="ignore",
-                            lineterminator="\n")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text("".join(lines), out / "results.csv")
+    write_text(text.getvalue(), out / "results.csv")
     settings = " ".join(args.script_args) or "(the script's defaults)"
     table = (f"# {args.dataset} {args.model}, {args.mode}\n\nCommand: `python compare.py "
              f"{' '.join(sys.argv[1:])}`\n\nScript settings: `{settings}`\n\n" + summary_table(rows))
