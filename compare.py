@@ -102,14 +102,19 @@ def check(args) -> None:
         args.targets = sorted(args.targets, reverse=True)
     if args.jobs < 1:
         raise cli.UsageError(f"--jobs must be at least 1, got {args.jobs}")
-    own = [a for a in args.script_args if a.split("=")[0] in OWN_FLAGS]
+    own = own_flags(args.script_args)
     if own:
-        raise cli.UsageError(f"{own[0].split('=')[0]} after `--` is set by compare.py itself; use "
+        raise cli.UsageError(f"{own[0]} after `--` is set by compare.py itself; use "
                              "compare.py's own flags (--dataset --model --criteria --targets "
                              "--seeds --output_dir)")
     if args.output_dir is None:
         args.output_dir = f"outputs/compare/{args.dataset}_{args.model}_{args.mode}"
     args.series = series_of(args)
+
+
+def own_flags(argv) -> list:
+    """The flags in `argv` that the runner sets itself."""
+    return [a.split("=")[0] for a in argv if a.split("=")[0] in OWN_FLAGS]
 
 
 def series_of(args) -> dict:
@@ -123,7 +128,7 @@ def series_of(args) -> dict:
             raise cli.UsageError(f"--variants '{spec}': give LABEL=FLAGS with a distinct label of "
                                  "letters, digits, _ . + - (e.g. eval='--score_mode eval')")
         variants[label] = shlex.split(flags)
-        if any(a.split("=")[0] in OWN_FLAGS for a in variants[label]):
+        if own_flags(variants[label]):
             raise cli.UsageError(f"--variants '{spec}' sets a flag compare.py sets itself")
     return {f"{c}@{label}": (c, flags) for c in args.criteria for label, flags in variants.items()}
 
