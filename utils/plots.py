@@ -360,7 +360,9 @@ def layers_figure(cells: List[dict], ident, styles: Styles, target: Optional[flo
             f"{chosen:g} (present: {', '.join(f'{t:g}' for t in present)})")
     at = [c for c in cells if _tkey(c["target"]) == chosen]
     names: Dict[str, None] = {}
-    for c in at:  # network order; a layer only some criteria report keeps its place
+    # Network order, taken first from the cells that recorded it; a layer only some criteria
+    # report keeps its place.
+    for c in sorted(at, key=lambda c: not isinstance(c.get("layer_order"), list)):
         for name in _layer_order(c):
             names.setdefault(name, None)
     names = list(names)
