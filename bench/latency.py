@@ -70,6 +70,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", default=None, help="a grid runner's folder (its results.json)")
     p.add_argument("--models", nargs="+", default=[], metavar="PRUNED_MODEL",
                    help="pruned_model.pth files")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="with --grid: time only these seeds' cells (pruned shapes barely "
+                        "depend on the seed; default: every cell)")
     p.add_argument("--dense", default=None,
                    help="architecture name or dense checkpoint (default: from the pruned models)")
     p.add_argument("--dataset", default=None,
@@ -136,9 +139,11 @@ def _dense_checkpoint(settings: dict) -> Optional[Path]:
     return final
 
 
-def grid_variants(grid: Path, setup: Setup) -> List[Variant]:
+def grid_variants(grid: Path, setup: Setup, seeds: Optional[List[int]] = None) -> List[Variant]:
     variants = []
     for cell in finished(load_rows(grid)):
+        if seeds is not None and cell.get("seed") not in seeds:
+            continue
         where = cell.get("result_path")
         path = _resolve(where, grid).parent / "pruned_model.pth" if where else None
         if path is None or not path.is_file():
@@ -309,7 +314,7 @@ def main(argv=None) -> int:
     try:
         variants = file_variants(args.models, setup)
         if args.grid:
-            variants += grid_variants(Path(args.grid), setup)
+            variants += grid_variants(Path(args.grid), setup, args.seeds)
     except PlotError as err:
         raise cli.UsageError(str(err)) from None
     if not variants:

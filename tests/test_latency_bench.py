@@ -2,12 +2,14 @@
 repeats); the JSON rows the latency figure reads, MACs of the pruned network below the dense."""
 import json
 
+import pytest
 import torch
 import torch.nn as nn
 
 from bench import latency
 from models import get_model
 from pruners.driver import PruneSettings, prune_to_target
+from utils import cli
 from utils.checkpoint import FORMAT, save_atomic, save_pruned_model
 from utils.plots import latency_figures
 
@@ -82,6 +84,13 @@ def test_grid_latency_rows(tmp_path, capsys):
     # The rows draw the latency figure: one panel per batch size.
     fig = latency_figures(rows)["latency_cpu"]
     assert len(fig.axes) == 2
+    # --seeds keeps only those seeds' cells (the dense row is always timed).
+    quick = ["--grid", str(grid), "--devices", "cpu", "--batch_sizes", "1", "--repeats", "1",
+             "--warmup", "0", "--json", str(out), "--no-progress", "--seeds"]
+    assert latency.main(quick + ["0"]) == 0
+    assert [r["variant"] for r in json.loads(out.read_text())] == ["dense", "Weight 0.5 s0"]
+    with pytest.raises(cli.UsageError, match="no pruned model"):
+        latency.main(quick + ["1"])
 
 
 def test_models_and_dense_by_name(tmp_path, capsys):
