@@ -69,8 +69,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .registry import (CriterionError, Method, ScoreDict, average_batch_scores, preserved_state,
                        register)
-from .tracing import (BILINEAR_RULES, Slot, decomposed_attention, gradient_sink,
-                      lifted_backward_hooks, map_tensors, tensors_in)
+from .tracing import (BILINEAR_RULES, Slot, TransposedSlot, decomposed_attention,
+                      gradient_sink, input_transpose, lifted_backward_hooks, map_tensors,
+                      tensors_in)
 
 _NORM_TYPES = tuple(t for t in (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
@@ -184,17 +185,24 @@ class _BilinearTracer(decomposed_attention):
         # Shortcut. A static operand that is a linear function of the parameters (a weight, a
         # view or slice of one) has tangent == value, since δθ = θ. Then the term into the other
         # operand X is B(X, W) = Z minus its additive remainder, so it costs nothing in the
-        # forward pass, and its gradient w.r.t. X is this call's own contribution to ∂L/∂X in
-        # the ordinary backward: X enters the call through a private alias whose gradient is
-        # read off there and re-injected by a sink.
+        # forward pass, and its gradient w.r.t. X is this call's own contribution to ∂L/∂X,
+        # Bᵀ(∂L/∂Z), which a sink re-injects. For conv / linear inputs the sink rebuilds it from
+        # ∂L/∂Z when the surrogate backward needs it (TransposedSlot: one input-gradient
+        # product, no stored ∂L/∂X per layer); for other calls X enters through a private alias
+        # whose gradient is read off in the ordinary backward.
         same = [self._is_static(t) and _same_value(t_t, t_p)
                 for t, t_p, t_t in ((a, a_p, a_t), (b, b_p, b_t))]
-        alias = {}
+        alias, transposed = {}, {}
         if a is not b:
             for k, (into, into_p, other, other_t, _) in enumerate(terms):
                 if same[1 - k] and into_p.requires_grad \
                         and self.scales[self._component(into, other)] != 0:
-                    alias[id(into)] = into_p.view_as(into_p)
+                    transpose = input_transpose(func, args, kwargs, into_p, b_p) if k == 0 \
+                        else None
+                    if transpose is not None:
+                        transposed[id(into)] = transpose
+                    else:
+                        alias[id(into)] = into_p.view_as(into_p)
 
         def primal(t):
             return alias.get(id(t)) if id(t) in alias else _primal(t)
@@ -218,6 +226,11 @@ class _BilinearTracer(decomposed_attention):
                     slot = self._watch(alias[id(into)])
                     slot.uses = 1
                     self.sinks.append(gradient_sink(into_p, slot, scale))
+                elif id(into) in transposed:
+                    if z_slot is None:
+                        z_slot = self._watch(z)
+                    self.sinks.append(gradient_sink(
+                        into_p, TransposedSlot(z_slot, transposed[id(into)]), scale))
             else:
                 term = term_fn()
                 value = term.detach()

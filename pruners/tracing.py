@@ -236,6 +236,51 @@ class Slot:
     def __init__(self, grad: torch.Tensor | None = None, uses: int = 0):
         self.grad, self.uses = grad, uses
 
+    def take(self) -> torch.Tensor | None:
+        """The gradient, for one use (released after the last)."""
+        grad = self.grad
+        self.uses -= 1
+        if self.uses <= 0:
+            self.grad = None
+        return grad
+
+
+class TransposedSlot:
+    """∂L/∂x of one call's input x, made when a sink needs it from the slot of the call's output
+    z: Bᵀ(∂L/∂z). Keeping ∂L/∂x of every layer until the surrogate backward would cost one more
+    activation-sized set of tensors; this costs one input-gradient product per layer instead."""
+    __slots__ = ("source", "transpose")
+
+    def __init__(self, source: Slot, transpose: Callable[[torch.Tensor], torch.Tensor]):
+        self.source, self.transpose = source, transpose
+        source.uses += 1
+
+    def take(self) -> torch.Tensor | None:
+        grad = self.source.take()
+        return None if grad is None else self.transpose(grad)
+
+
+_CONV_INPUT_GRADIENTS = {F.conv1d: torch.nn.grad.conv1d_input, F.conv2d: torch.nn.grad.conv2d_input,
+                         F.conv3d: torch.nn.grad.conv3d_input}
+
+
+def input_transpose(func, args, kwargs, x: torch.Tensor, weight: torch.Tensor
+                    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """g ↦ ∂⟨g, B(x, weight)⟩/∂x for an F.linear or F.conv1d/2d/3d call (numeric padding), or
+    None for calls without such a closed form here."""
+    if func is F.linear:
+        return lambda g: g @ weight
+    conv_input = _CONV_INPUT_GRADIENTS.get(func)
+    if conv_input is None:
+        return None
+    names = ("stride", "padding", "dilation", "groups")
+    options = {name: _arg(args, kwargs, 3 + i, name, default)
+               for i, (name, default) in enumerate(zip(names, (1, 0, 1, 1)))}
+    if isinstance(options["padding"], str):
+        return None  # 'same' / 'valid': the alias path handles them
+    shape = x.shape
+    return lambda g: conv_input(shape, weight, g, **options)
+
 
 class _GradientSink(torch.autograd.Function):
     @staticmethod
@@ -245,11 +290,7 @@ class _GradientSink(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _unused):
-        slot = ctx.slot
-        grad = slot.grad
-        slot.uses -= 1
-        if slot.uses <= 0:
-            slot.grad = None
+        grad = ctx.slot.take()
         if grad is None:
             return None, None, None
         return (grad if ctx.scale == 1 else ctx.scale * grad), None, None
