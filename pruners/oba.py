@@ -71,7 +71,7 @@ from .registry import (CriterionError, Method, ScoreDict, average_batch_scores, 
                        register)
 from .tracing import (BILINEAR_RULES, Slot, TransposedSlot, decomposed_attention,
                       gradient_sink, input_transpose, lifted_backward_hooks, map_tensors,
-                      tensors_in)
+                      out_of_place_modules, tensors_in)
 
 _NORM_TYPES = tuple(t for t in (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
@@ -134,6 +134,7 @@ class _BilinearTracer(decomposed_attention):
         for t in static:
             self.static[t] = True
         self.watched: List[torch.Tensor] = []  # tensors whose ∂L/∂· the sinks need
+        self.versions: List[int] = []          # their version counters when watched
         self.slots: List[Slot] = []
         self.sinks: List[torch.Tensor] = []
 
@@ -176,7 +177,17 @@ class _BilinearTracer(decomposed_attention):
         slot = Slot()
         self.slots.append(slot)
         self.watched.append(tensor)
+        self.versions.append(tensor._version)
         return slot
+
+    def check_unchanged(self) -> None:
+        """After the forward pass: a watched tensor changed in place has lost the autograd
+        history whose gradient the sinks need."""
+        if any(t._version != v for t, v in zip(self.watched, self.versions)):
+            raise CriterionError(
+                "OBA: the model's forward changes the output of a conv / linear / matmul call "
+                "in place (e.g. F.relu_(x), F.relu(x, inplace=True), x += y right after the "
+                "layer); make that operation out of place (in-place modules are handled)")
 
     def _bilinear(self, func, args, kwargs, a, b, bil, remainder):
         a_p, a_t, b_p, b_t = _primal(a), _tangent(a), _primal(b), _tangent(b)
@@ -265,8 +276,10 @@ def _oba_pass(model, inputs, targets, loss_fn, scales, need_grad):
     """One forward with tangents, the ordinary backward, the surrogate backward.
     Returns (loss, H̃δθ list, gradient list or None) over perturbed_parameters(model).
     Module backward hooks are lifted meanwhile: torch's full-hook Function has no forward-mode
-    rule, and none of these backward passes is one the hooks' owners should see."""
-    with lifted_backward_hooks(model):
+    rule, and none of these backward passes is one the hooks' owners should see. In-place
+    modules (ReLU(inplace=True)) run out of place: they would rewrite the products whose
+    gradients the sinks read."""
+    with lifted_backward_hooks(model), out_of_place_modules(model):
         return _oba_pass_unhooked(model, inputs, targets, loss_fn, scales, need_grad)
 
 
@@ -280,6 +293,7 @@ def _oba_pass_unhooked(model, inputs, targets, loss_fn, scales, need_grad):
         with tracer:
             output = torch.func.functional_call(model, duals, (inputs,))
         del duals
+        tracer.check_unchanged()
         output = map_tensors(output, _primal)
         loss = loss_fn(output, targets)
         del output

@@ -9,7 +9,8 @@
   so that the calls inside them are seen; tracers subclass it.
 * `Slot` / `gradient_sink`: a zero-valued node whose backward injects a gradient known only
   after the ordinary backward pass (∇_θ ⟨g, U(θ)⟩ without keeping U).
-* `lifted_backward_hooks`: module backward hooks taken off for a scoring pass, put back after.
+* `lifted_backward_hooks`: module backward hooks taken off for a scoring pass, put back after;
+  `out_of_place_modules`: modules' in-place flags switched off the same way.
 * `grads_or_zeros`: torch.autograd.grad with zeros for unused inputs.
 """
 from __future__ import annotations
@@ -266,18 +267,20 @@ _CONV_INPUT_GRADIENTS = {F.conv1d: torch.nn.grad.conv1d_input, F.conv2d: torch.n
 
 def input_transpose(func, args, kwargs, x: torch.Tensor, weight: torch.Tensor
                     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """g ↦ ∂⟨g, B(x, weight)⟩/∂x for an F.linear or F.conv1d/2d/3d call (numeric padding), or
-    None for calls without such a closed form here."""
+    """g ↦ ∂⟨g, B(x, weight)⟩/∂x for an F.linear or F.conv1d/2d/3d call (batched input, numeric
+    padding, one dtype), or None for calls without such a closed form here."""
+    if weight.dtype != x.dtype:
+        return None
     if func is F.linear:
-        return lambda g: g @ weight
+        return (lambda g: g @ weight) if weight.dim() == 2 else None
     conv_input = _CONV_INPUT_GRADIENTS.get(func)
     if conv_input is None:
         return None
     names = ("stride", "padding", "dilation", "groups")
     options = {name: _arg(args, kwargs, 3 + i, name, default)
                for i, (name, default) in enumerate(zip(names, (1, 0, 1, 1)))}
-    if isinstance(options["padding"], str):
-        return None  # 'same' / 'valid': the alias path handles them
+    if isinstance(options["padding"], str) or x.dim() != weight.dim():
+        return None  # 'same' / 'valid' padding, unbatched input: the alias path handles them
     shape = x.shape
     return lambda g: conv_input(shape, weight, g, **options)
 
@@ -307,6 +310,27 @@ def gradient_sink(term: torch.Tensor, slot: Slot, scale: float = 1.0) -> torch.T
 
 _HOOK_DICTS = ("_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOK_DICTS = ("_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+class out_of_place_modules:
+    """Context manager: every module with a boolean `inplace` flag (ReLU, Hardtanh, Dropout, ...)
+    runs out of place inside it, and gets its flag back on exit. An in-place activation rewrites
+    the autograd history of the conv / linear output it follows, so a gradient read at that
+    output would be the one after the activation."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self._flipped = [m for m in self.model.modules() if getattr(m, "inplace", None) is True]
+        for m in self._flipped:
+            m.inplace = False
+        return self.model
+
+    def __exit__(self, *exc):
+        for m in self._flipped:
+            m.inplace = True
+        return False
 
 
 class lifted_backward_hooks:

@@ -160,6 +160,49 @@ def test_conv_variants_match_brute_force(rebuild, monkeypatch):
     assert len(made) == (3 if rebuild else 0)
 
 
+class InplaceReluNet(nn.Module):
+    """conv → ReLU(inplace=True) → linear → ReLU(inplace=True) → linear, as torchvision's VGG and
+    AlexNet are built: the in-place ReLU rewrites the very outputs whose gradients OBA reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(27, 5), nn.Linear(5, 3)
+        self.act1, self.act2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.fc2(self.act2(self.fc1(self.act1(self.conv(x)).flatten(1))))
+
+
+def test_inplace_relu_modules_score_as_out_of_place():
+    torch.manual_seed(5)
+    model = InplaceReluNet().to(DT)
+    x, y = torch.randn(4, 2, 3, 3, dtype=DT), torch.randint(0, 3, (4,))
+    loss_fn = nn.CrossEntropyLoss()
+    names, _, expected = _brute_h_minus_ggn(model, x, y, loss_fn)
+    _, hv = oba_hvp(model, x, y, loss_fn)
+    got = _flat([hv[n] for n in names])
+    assert (got - expected).norm() / expected.norm() < 1e-10
+    assert model.act1.inplace and model.act2.inplace  # put back
+
+
+def test_inplace_change_of_a_product_is_a_clear_error():
+    """A functional in-place op on a product OBA reads (here F.relu_ on a linear output) would
+    give wrong gradients silently; it is refused with what to change."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc0, self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc2(F.relu_(self.fc1(F.relu(self.fc0(x)))))
+
+    model = Functional().to(DT)
+    with pytest.raises(CriterionError, match="in place"):
+        oba_hvp(model, torch.randn(3, 4, dtype=DT), torch.tensor([0, 1, 2]), nn.CrossEntropyLoss())
+
+
 # ----------------------------------------------------------------------------- transformer
 
 D, HEADS, IN_DIM, TOKENS, HIDDEN, CLASSES = 4, 2, 3, 3, 5, 3
