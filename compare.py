@@ -20,7 +20,8 @@ Slim gets its own, trained with --sparsity_l1 --slim_l1. A cell is one (criterio
 and lives in <output_dir>/cells/<criterion>/seed<k>/; a finished cell (its results.json exists)
 is never run again, an interrupted one restarts cleanly (the scripts' --resume), a failed one is
 recorded and retried only with --retry_failed. Each script process runs with OMP threads =
-available cores / --jobs.
+available cores / --jobs. --collect_only runs nothing and writes the files from the cells
+finished so far.
 """
 import argparse
 import csv
@@ -78,6 +79,10 @@ def parse(argv=None):
                    help="ablation: every criterion once per variant, with FLAGS added to its cells "
                         "(e.g. base= eval='--score_mode eval')")
     p.add_argument("--retry_failed", action="store_true", help="run failed cells again")
+    p.add_argument("--collect_only", action="store_true",
+                   help="run nothing: gather the finished cells into results.csv/json, table.md "
+                        "and plots (cells not run are listed as 'not run'), e.g. while another "
+                        "runner is still working on the grid")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=False,
                    help="also time dense and pruned networks on CPU (bench/latency.py) and plot it")
@@ -309,8 +314,9 @@ def cell_row(args, criterion, seed, target) -> dict:
     path = target_dir(args, criterion, seed, target) / "results.json"
     if not path.exists():
         failed = failure_path(args, criterion, seed, target)
-        error = json.loads(failed.read_text())["error"] if failed.exists() else "not run"
-        return {**row, "status": "failed", "error": error}
+        if not failed.exists():
+            return {**row, "status": "not run", "error": None}
+        return {**row, "status": "failed", "error": json.loads(failed.read_text())["error"]}
     r = json.loads(path.read_text())
     # relative to the output folder, so the folder can be moved or committed as a whole
     row.update(status="done", error=None, result_path=str(path.relative_to(args.output_dir)),
@@ -364,8 +370,9 @@ def main(argv=None):
     for criterion, extra in args.series.values():  # flags checked before anything is written
         base_args(args, criterion, extra)
     check_writable(out, "--output_dir")
-    prepare_dense(args)
-    run_cells(args)
+    if not args.collect_only:
+        prepare_dense(args)
+        run_cells(args)
     rows = collect(args)
     write_results(args, rows)
     latency = None
@@ -377,10 +384,11 @@ def main(argv=None):
         from utils.plots import make_plots
         for path in make_plots(out, latency=latency, layers_target=args.layers_target):
             print(f"plot: {path}")
-    failed = [r for r in rows if r["status"] != "done"]
-    print(f"\n{len(rows) - len(failed)}/{len(rows)} cells done; results in {out}/results.csv, "
-          f"table {out}/table.md")
-    return 1 if failed else 0
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"\n{done}/{len(rows)} cells done; results in {out}/results.csv, table {out}/table.md")
+    # cells left unrun are a failure of a run, not of --collect_only
+    return 0 if done == len(rows) or (args.collect_only and
+                                      all(r["status"] != "failed" for r in rows)) else 1
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ SCRIPT = ["--num_epochs", "1", "--lr", "0.05", "--batch_size", "32", "--sl_num_e
           "--no-tensorboard", "--device", "cpu"]
 
 
-def grid(out, *extra, criteria=("Weight", "Taylor"), targets=("0.7", "0.5")):
+def grid(out, *extra, criteria=("Weight", "Taylor"), targets=("0.7", "0.5"), seeds=("0",)):
     return ["--dataset", "digits", "--model", "resnet8", "--criteria", *criteria, "--targets",
-            *targets, "--seeds", "0", "--output_dir", str(out), *extra, "--", *SCRIPT]
+            *targets, "--seeds", *seeds, "--output_dir", str(out), *extra, "--", *SCRIPT]
 
 
 def mtimes(out):
@@ -68,6 +68,13 @@ def test_grid_writes_csv_table_plots_and_skips_finished_cells(tmp_path):
     assert "start:" not in again.stdout  # nothing re-run
     assert mtimes(out) == before
     assert list(csv.DictReader((out / "results.csv").open())) == rows
+    # --collect_only runs nothing: a seed never run is listed as such, the table counts one seed
+    collected = run_script("compare.py", *grid(out, "--collect_only", "--no-plots", seeds=("0", "1")))
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert "start:" not in collected.stdout and mtimes(out) == before
+    more = list(csv.DictReader((out / "results.csv").open()))
+    assert [r for r in more if r["seed"] == "0"] == rows
+    assert {(r["status"], r["error"]) for r in more if r["seed"] == "1"} == {("not run", "")}
 
 
 def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):

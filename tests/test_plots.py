@@ -250,6 +250,17 @@ def test_summary_table_means_and_stds_by_hand():
     assert statistics.stdev([80.0, 84.0]) == pytest.approx(2.83, abs=0.005)
 
 
+def test_cells_not_run_are_counted_apart_from_failed_ones():
+    rows = fixture_rows() + [dict(cell("Weight", 0.5, 1, 0, 0, 0, 0, 0, [0] * 5),
+                                  status="not run", error=None)]
+    table = plots.summary_table(rows)
+    assert "| Weight | 0.5 | 90.00 |" in table and "| 1 (+1 not run) |" in table
+    assert "| 1 (+1 failed) |" in table  # Weight at 0.25
+    notes = []
+    plots.build_figures(rows, say=notes.append)
+    assert any("seed 1" in n and "not run" in n for n in notes)
+
+
 def test_unstructured_cells_use_density():
     rows = []
     for r in fixture_rows():

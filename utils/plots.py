@@ -20,10 +20,10 @@ data is left out, each with a printed note. The figures are matplotlib `Figure` 
 by Agg, never pyplot: nothing is displayed and no global figure state is shared with the caller.
 
 Cell record (the grid runner's contract): model, dataset, mode ("oneshot" | "iterative" |
-"unstructured"), criterion, target, seed, status ("done" | "failed"), error, achieved_ops_ratio
-(unstructured: achieved_density), achieved_params_ratio, test_acc_dense, test_acc_pruned,
-test_acc_finetuned (may be null), test_loss_pruned, seconds_importance, wall_seconds and
-layer_keep_fraction {layer name: fraction of its original output channels kept}, network order.
+"unstructured"), criterion, target, seed, status ("done" | "failed" | "not run"), error,
+achieved_ops_ratio (unstructured: achieved_density), achieved_params_ratio, test_acc_dense,
+test_acc_pruned, test_acc_finetuned (may be null), test_loss_pruned, seconds_importance,
+wall_seconds and layer_keep_fraction {layer name: fraction of its original output channels kept}, network order.
 """
 from __future__ import annotations
 
@@ -151,6 +151,8 @@ def finished(rows: Iterable[dict], say: Optional[Say] = print) -> List[dict]:
     for r in rows:
         if r.get("status", "done") == "done":
             done.append(r)
+        elif say and r.get("status") == "not run":
+            say(f"note: skipping cell {describe(r)}: not run")
         elif say:
             say(f"note: skipping failed cell {describe(r)}: {r.get('error') or 'no error recorded'}")
     return done
@@ -563,12 +565,14 @@ def summary_table(rows: List[dict]) -> str:
                 if not here:
                     continue
                 ok = [c for c in here if c.get("status", "done") == "done"]
-                failed = len(here) - len(ok)
+                failed = sum(c.get("status") == "failed" for c in here)
+                unrun = sum(c.get("status") == "not run" for c in here)
                 acc_ft = [c["test_acc_finetuned"] for c in ok if _finite(c.get("test_acc_finetuned"))]
                 acc_pr = [c["test_acc_pruned"] for c in ok if _finite(c.get("test_acc_pruned"))]
                 weights = _reduction(ok, "achieved_params_ratio", "achieved_density")
                 macs = _reduction(ok, "achieved_ops_ratio")
-                seeds = f"{len(ok)}" + (f" (+{failed} failed)" if failed else "")
+                seeds = f"{len(ok)}" + (f" (+{failed} failed)" if failed else "") \
+                    + (f" (+{unrun} not run)" if unrun else "")
                 lines.append(f"| {crit} | {t:g} | {_pm(acc_ft)} | {_pm(acc_pr)} | {_pm(weights)} "
                              f"| {_pm(macs)} | {seeds} |")
         sections.append("\n".join(lines))
