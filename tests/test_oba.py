@@ -91,20 +91,26 @@ def _randomise_bn(model):
                 m.bias.uniform_(-0.3, 0.3)
 
 
-@pytest.mark.parametrize("net, shape", [(ReluMLP, (7, 5)), (ResidualConvNet, (5, 2, 4, 4))])
-def test_hvp_equals_hessian_minus_gauss_newton(net, shape):
-    torch.manual_seed(0)
-    model = net().to(DT)
-    _randomise_bn(model)
-    model.eval()
-    x = torch.randn(*shape, dtype=DT)
-    y = torch.randint(0, 3, (shape[0],))
+def _assert_hvp_is_brute_force(model, shape):
+    """OBA's H̃δθ on a random float64 batch equals the brute-force (H − GGN)δθ; returns
+    (x, y, loss_fn, names, θ, (H − GGN)θ, OBA's loss)."""
+    x, y = torch.randn(*shape, dtype=DT), torch.randint(0, 3, (shape[0],))
     loss_fn = nn.CrossEntropyLoss()
     names, theta, expected = _brute_h_minus_ggn(model, x, y, loss_fn)
     loss, hv = oba_hvp(model, x, y, loss_fn)
     got = _flat([hv[n] for n in names])
     assert expected.norm() > 1e-3
     assert (got - expected).norm() / expected.norm() < 1e-10
+    return x, y, loss_fn, names, theta, expected, loss
+
+
+@pytest.mark.parametrize("net, shape", [(ReluMLP, (7, 5)), (ResidualConvNet, (5, 2, 4, 4))])
+def test_hvp_equals_hessian_minus_gauss_newton(net, shape):
+    torch.manual_seed(0)
+    model = net().to(DT)
+    _randomise_bn(model)
+    model.eval()
+    x, y, loss_fn, names, theta, expected, loss = _assert_hvp_is_brute_force(model, shape)
     assert torch.allclose(loss, loss_fn(model(x), y))
     # scores follow: s = θ ⊙ H̃θ (+ delta · g ⊙ θ)
     grads = torch.autograd.grad(loss_fn(model(x), y), [dict(model.named_parameters())[n]
@@ -148,14 +154,7 @@ def test_conv_variants_match_brute_force(rebuild, monkeypatch):
     else:
         monkeypatch.setattr(oba, "input_transpose", lambda *a: None)
     torch.manual_seed(4)
-    model = ConvVariantsNet().to(DT)
-    x, y = torch.randn(5, 2, 6, 6, dtype=DT), torch.randint(0, 3, (5,))
-    loss_fn = nn.CrossEntropyLoss()
-    names, _, expected = _brute_h_minus_ggn(model, x, y, loss_fn)
-    _, hv = oba_hvp(model, x, y, loss_fn)
-    got = _flat([hv[n] for n in names])
-    assert expected.norm() > 1e-3
-    assert (got - expected).norm() / expected.norm() < 1e-10
+    _assert_hvp_is_brute_force(ConvVariantsNet().to(DT), (5, 2, 6, 6))
     # grouped, line and fc are rebuilt; strided sees the data (no gradient), same is an alias
     assert len(made) == (3 if rebuild else 0)
 
@@ -177,12 +176,7 @@ class InplaceReluNet(nn.Module):
 def test_inplace_relu_modules_score_as_out_of_place():
     torch.manual_seed(5)
     model = InplaceReluNet().to(DT)
-    x, y = torch.randn(4, 2, 3, 3, dtype=DT), torch.randint(0, 3, (4,))
-    loss_fn = nn.CrossEntropyLoss()
-    names, _, expected = _brute_h_minus_ggn(model, x, y, loss_fn)
-    _, hv = oba_hvp(model, x, y, loss_fn)
-    got = _flat([hv[n] for n in names])
-    assert (got - expected).norm() / expected.norm() < 1e-10
+    _assert_hvp_is_brute_force(model, (4, 2, 3, 3))
     assert model.act1.inplace and model.act2.inplace  # put back
 
 
@@ -190,17 +184,13 @@ def test_inplace_change_of_a_product_is_a_clear_error():
     """A functional in-place op on a product OBA reads (here F.relu_ on a linear output) would
     give wrong gradients silently; it is refused with what to change."""
 
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc0, self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 5), nn.Linear(5, 3)
-
+    class Functional(ReluMLP):
         def forward(self, x):
-            return self.fc2(F.relu_(self.fc1(F.relu(self.fc0(x)))))
+            return self.fc3(F.relu_(self.fc2(F.relu(self.fc1(x)))))
 
     model = Functional().to(DT)
     with pytest.raises(CriterionError, match="in place"):
-        oba_hvp(model, torch.randn(3, 4, dtype=DT), torch.tensor([0, 1, 2]), nn.CrossEntropyLoss())
+        oba_hvp(model, torch.randn(3, 5, dtype=DT), torch.tensor([0, 1, 2]), nn.CrossEntropyLoss())
 
 
 # ----------------------------------------------------------------------------- transformer
