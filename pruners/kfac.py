@@ -160,11 +160,17 @@ _INVERSE_DIAGONAL_BLOCKS = 8
 _INVERSE_DIAGONAL_MIN_BLOCK = 256
 
 
+def _block_edges(width: int, most: int, least_size: int) -> list:
+    """Edges of up to `most` near-equal blocks of [0, width), none narrower than `least_size`
+    (one block when width < 2 · least_size)."""
+    blocks = max(1, min(most, width // least_size))
+    return [round(width * i / blocks) for i in range(blocks + 1)]
+
+
 def _inverse_column_squares(chol: torch.Tensor) -> torch.Tensor:
     """Σ_k (L⁻¹)_ki² for every column i, solving L⁻¹ a block of columns at a time."""
     n = chol.shape[-1]
-    blocks = max(1, min(_INVERSE_DIAGONAL_BLOCKS, n // _INVERSE_DIAGONAL_MIN_BLOCK))
-    edges = [round(n * i / blocks) for i in range(blocks + 1)]
+    edges = _block_edges(n, _INVERSE_DIAGONAL_BLOCKS, _INVERSE_DIAGONAL_MIN_BLOCK)
     result = torch.empty(n, dtype=chol.dtype, device=chol.device)
     for start, stop in zip(edges[:-1], edges[1:]):
         identity_block = torch.zeros(n - start, stop - start, dtype=chol.dtype, device=chol.device)
@@ -341,8 +347,7 @@ _GRAM_MIN_BLOCK = 512
 
 
 def _gram_edges(width: int) -> list:
-    blocks = max(1, min(_GRAM_BLOCKS, width // _GRAM_MIN_BLOCK))
-    return [round(width * i / blocks) for i in range(blocks + 1)]
+    return _block_edges(width, _GRAM_BLOCKS, _GRAM_MIN_BLOCK)
 
 
 def _add_lower_gram(total: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
