@@ -60,6 +60,7 @@ class LayerStatistics:
     A_diagonal_mean: Optional[torch.Tensor] = None
     has_bias: bool = False
     examples: int = 0
+    input_samples: int = 0  # rows a (examples × positions) that A is averaged over
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +467,7 @@ class _Accumulator:
             theta_A=self.TA.div_(self.positions) if self.TA is not None else None,
             A_diagonal_mean=(self.A_trace / (self.positions * self.TA.shape[1])
                              if self.TA is not None else None),
-            has_bias=self.has_bias, examples=examples)
+            has_bias=self.has_bias, examples=examples, input_samples=self.positions)
 
 
 def collect_kfac_statistics(model: nn.Module, batches: Iterable[Batch], loss_fn: Callable,

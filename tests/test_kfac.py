@@ -8,6 +8,7 @@ from pruners import kfac
 from pruners.kfac_criteria import (KRON_OBS, kron_obs_compensate, obd_obs_loss_change,
                                    obs_removal_update)
 from pruners.registry import get_method, parameter_scores
+from utils import log
 
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # float64 maths
@@ -218,6 +219,29 @@ def test_criteria_match_explicit_kronecker_formulas(method):
             expected = torch.stack(filters)
             got = got.sum(1)
         assert torch.allclose(got, expected, rtol=1e-9, atol=1e-14), (method, name)
+
+
+def test_c_obs_says_when_an_input_factor_has_fewer_samples_than_columns(capsys, monkeypatch):
+    """conv: A is 19 × 19 with 9 patch rows per image; fc: 28 × 28 with one row per image.
+    8 images leave fc singular (8 rows < 28) and warn once, naming fc and the 28 images it
+    needs; 28 images fill both factors and say nothing."""
+    monkeypatch.setattr(log, "_said", set())
+    torch.manual_seed(0)
+    net = _bn_with_stats(ConvNet())
+
+    def batches(n):
+        return [(torch.randn(n, 2, 5, 5), torch.randint(0, 4, (n,)))]
+
+    stats = kfac.collect_kfac_statistics(net, batches(8), nn.CrossEntropyLoss())
+    assert (stats["conv"].input_samples, stats["fc"].input_samples) == (72, 8)
+    for _ in range(2):
+        parameter_scores("C-OBS", net, batches(8))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 of 2 layers" in err[0] and "worst: fc, 8 rows for 28 columns" in err[0]
+    assert "at least 28 images" in err[0] and "--iters_per_step" in err[0]
+    monkeypatch.setattr(log, "_said", set())
+    parameter_scores("C-OBS", net, batches(28))
+    assert capsys.readouterr().err == ""
 
 
 def test_kron_obs_update_equals_explicit_obs_step():
