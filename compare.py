@@ -56,6 +56,7 @@ CSV_COLUMNS = ("model", "dataset", "mode", "criterion", "importance_type", "vari
 
 def parse(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    command_line = shlex.join(argv)  # quoted as typed, so the table's command can be pasted
     script_args = []
     if "--" in argv:
         cut = argv.index("--")
@@ -90,6 +91,7 @@ def parse(argv=None):
                    help="target of the channels-per-layer plot (default: the smallest)")
     args = p.parse_args(argv)
     args.script_args = script_args
+    args.command_line = command_line
     check(args)
     return args
 
@@ -356,9 +358,9 @@ def write_results(args, rows) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(text.getvalue(), out / "results.csv")
-    settings = " ".join(args.script_args) or "(the script's defaults)"
+    settings = shlex.join(args.script_args) or "(the script's defaults)"
     table = (f"# {args.dataset} {args.model}, {args.mode}\n\nCommand: `python compare.py "
-             f"{' '.join(sys.argv[1:])}`\n\nScript settings: `{settings}`\n\n" + summary_table(rows))
+             f"{args.command_line}`\n\nScript settings: `{settings}`\n\n" + summary_table(rows))
     write_text(table + "\n", out / "table.md")
     print("\n" + summary_table(rows))
 

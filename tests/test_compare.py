@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -107,6 +108,10 @@ def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):
     nonorm = json.loads((out / rows[1]["result_path"]).read_text())
     assert nonorm["settings"]["normalizer"] == "none"
     assert json.loads(first.read_text())["settings"]["normalizer"] == "max"
+    # the table's command is quoted as typed, so it can be pasted back into a shell
+    command = (out / "table.md").read_text().split("Command: `", 1)[1].split("`", 1)[0]
+    assert "'nonorm=--normalizer none'" in command
+    assert shlex.split(command)[2:] == args
 
 
 def test_failed_cell_is_recorded_and_not_retried(tmp_path):
