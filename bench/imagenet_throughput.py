@@ -59,15 +59,18 @@ class Timer:
     """Seconds of a callable: CUDA events on a GPU (asynchronous kernels), perf_counter on CPU."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.cuda = device if device.type == "cuda" else None
 
     def __call__(self, fn) -> float:
-        if self.cuda:
+        if self.cuda is not None:
+            # The events go on the stream of the model's GPU, not the current device's
+            # (cuda:N with N > 0 would otherwise time an idle cuda:0).
+            stream = torch.cuda.current_stream(self.cuda)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
-            torch.cuda.synchronize()
+            end.record(stream)
+            torch.cuda.synchronize(self.cuda)
             return start.elapsed_time(end) / 1000.0
         t0 = time.perf_counter()
         fn()

@@ -57,17 +57,19 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def median_ms(fn, warmup: int, iters: int) -> float:
+def median_ms(fn, warmup: int, iters: int, device: torch.device) -> float:
+    """Median CUDA-event time of fn on `device` (events on its stream, not cuda:0's)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.current_stream(device)
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         fn()
-        end.record()
-        torch.cuda.synchronize()
+        end.record(stream)
+        torch.cuda.synchronize(device)
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
@@ -117,10 +119,10 @@ def main(argv=None):
     for n in names:
         inp = inputs[n]
         dense_w = targets[n].tensor
-        dense = median_ms(lambda: F.linear(inp, dense_w), args.warmup, args.iters)
+        dense = median_ms(lambda: F.linear(inp, dense_w), args.warmup, args.iters, device)
         if n in converted:
             sw = sparse_modules[n].weight
-            sparse = median_ms(lambda: F.linear(inp, sw), args.warmup, args.iters)
+            sparse = median_ms(lambda: F.linear(inp, sw), args.warmup, args.iters, device)
         else:
             sparse = dense
         total_dense += dense
@@ -129,9 +131,9 @@ def main(argv=None):
         if k not in seen_kinds:
             seen_kinds.add(k)
             rows.append((k, tuple(inp.shape), tuple(dense_w.shape), dense, sparse, n in converted))
-    whole_dense = median_ms(lambda: model(x), args.warmup, args.iters)
+    whole_dense = median_ms(lambda: model(x), args.warmup, args.iters, device)
     try:
-        whole_sparse = median_ms(lambda: sparse_model(x), args.warmup, args.iters)
+        whole_sparse = median_ms(lambda: sparse_model(x), args.warmup, args.iters, device)
     except RuntimeError as err:  # a kernel constraint of this torch build; the layer table stands
         whole_sparse, whole_error = float("nan"), str(err).splitlines()[0][:200]
     else:

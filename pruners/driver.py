@@ -505,12 +505,12 @@ class StructuredPruner:
             info.append((group, removable, _channel_cost(group, layer_macs, self.DG) * blocks, blocks))
             if removable <= 0:
                 continue
-            for c in range(len(unit_scores)):
-                candidates.append((float(unit_scores[c]), len(info) - 1, c))
+            # .tolist(): one device-to-host copy per group, not one sync per channel on a GPU
+            candidates.extend((s, len(info) - 1, c) for c, s in enumerate(unit_scores.tolist()))
         for slot in attention_slots(self.model, folder, layer_macs, cap, self.prune_heads):
             info.append((slot, slot.removable, slot.cost, 1))
             # Units in removal order; their scores never decrease, so the stable sort keeps it.
-            candidates.extend((float(s), len(info) - 1, r) for r, s in enumerate(slot.unit_scores))
+            candidates.extend((s, len(info) - 1, r) for r, s in enumerate(slot.unit_scores.tolist()))
         self.scored_units = len(candidates) + sum(1 for it in info if it[1] <= 0)
         candidates.sort(key=lambda t: t[0])
         chosen: Dict[int, List[int]] = {}

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from .kfac import (LayerStatistics, collect_kfac_statistics, is_kfac_layer, symmetric_eigh)
 from .limits import min_kept
-from .registry import Batch, ScoreDict
+from .registry import Batch, ScoreDict, model_device
 
 LayerRef = Union[str, nn.Module, None]
 
@@ -243,6 +243,9 @@ def collect_eigen_statistics(model: nn.Module, batches: Iterable[Batch], loss_fn
     layers = {name: _measured(m) for name, m in eigen_layers(model, ignored).items()}
     stats = collect_kfac_statistics(model, batches, loss_fn, fisher_type=fisher_type,
                                     layers=layers, full_input=False, channel_input=True)
+    device = model_device(model)
+    if device.type == "cuda":  # the kernels are asynchronous: wait for them before reading the clock
+        torch.cuda.synchronize(device)
     return EigenStatistics(stats, time.perf_counter() - start)
 
 

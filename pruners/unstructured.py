@@ -369,17 +369,37 @@ def import_sparse(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor
 
 # ----------------------------------------------------------------------------- sparse kernels
 
+def semi_structured_misfit(weight: torch.Tensor) -> Optional[str]:
+    """Why `weight` cannot become a 2:4 SparseSemiStructuredTensor, or None when it can: the
+    kernels torch picks (cuSPARSELt, or CUTLASS when forced) take only some dtypes, and both
+    dimensions must be multiples of their minimum tile (e.g. 16 × 16 for fp16 on cuSPARSELt)."""
+    from torch.sparse import SparseSemiStructuredTensor
+    kind = (torch.sparse.SparseSemiStructuredTensorCUTLASS if SparseSemiStructuredTensor._FORCE_CUTLASS
+            else torch.sparse.SparseSemiStructuredTensorCUSPARSELT)
+    limits = kind._DTYPE_SHAPE_CONSTRAINTS.get(weight.dtype)
+    if limits is None:
+        return f"dtype {weight.dtype} has no 2:4 kernel (use {', '.join(map(str, kind._DTYPE_SHAPE_CONSTRAINTS))})"
+    rows, cols = weight.shape
+    if rows % limits.sparse_min_rows or cols % limits.sparse_min_cols:
+        return (f"shape {rows} × {cols} is not a multiple of {limits.sparse_min_rows} × "
+                f"{limits.sparse_min_cols}")
+    if not bool((_groups(weight != 0, 4).sum(1) <= 2).all()):
+        return "weight is not 2:4 sparse"
+    return None
+
+
 def to_semi_structured(model: nn.Module) -> List[str]:
-    """Swap the weight of every nn.Linear holding a 2:4 pattern for a
-    torch.sparse.SparseSemiStructuredTensor (CUDA, fp16/bf16/int8; GPUs with sparse tensor cores,
-    compute capability 8.0+). Returns the converted layer names."""
+    """Swap the weight of every CUDA nn.Linear holding a 2:4 pattern for a
+    torch.sparse.SparseSemiStructuredTensor (GPUs with sparse tensor cores, compute capability
+    8.0+). Layers the kernels cannot take (see `semi_structured_misfit`) stay dense, so a model
+    is never left half converted by an error. Returns the converted layer names."""
     from torch.sparse import to_sparse_semi_structured
     done = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module.weight.device.type != "cuda":
             continue
         w = module.weight.detach()
-        if w.shape[1] % 4 or not bool((_groups(w != 0, 4).sum(1) <= 2).all()):
+        if semi_structured_misfit(w) is not None:
             continue
         module.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
         done.append(name)

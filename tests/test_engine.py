@@ -1,5 +1,7 @@
 """Training engine: an interrupted run resumed with --resume ends exactly like an uninterrupted one;
 checkpoints are atomic and bad ones give one-line errors."""
+import random
+
 import pytest
 import torch
 
@@ -56,6 +58,19 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert r1.history[-1]["train_loss"] == r2.history[-1]["train_loss"]
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_resume_restores_the_cuda_rng_states_of_the_gpus_it_sees(monkeypatch):
+    """A checkpoint saved with two GPUs visible, resumed where one is: the one state that fits
+    is restored, no IndexError (torch.cuda is faked: no GPU needed)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append((s, i)))
+    state = {"torch": torch.get_rng_state(), "numpy": engine._numpy_state(),
+             "python": random.getstate(), "cuda": ["gpu0", "gpu1"]}
+    engine._set_rng_state(state, loader=None)
+    assert restored == [("gpu0", 0)]
 
 
 def test_truncated_checkpoint_is_one_line_error(tmp_path, one_epoch):

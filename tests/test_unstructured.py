@@ -346,3 +346,19 @@ def test_bad_input_one_line_nothing_written(tmp_path, bad, words):
     proc = run(SCRIPT, *FAST, *bad, "--output_dir", str(out), "--save_path_prefix", str(ck))
     assert_one_line_error(proc, *words)
     assert not out.exists() and not ck.exists()
+
+
+def test_semi_structured_misfit_names_what_the_2_4_kernels_cannot_take():
+    """The dtype, tile and pattern checks that keep `to_semi_structured` from failing halfway
+    (torch's default cuSPARSELt limits: fp16/bf16/int8/fp8, fp16 in multiples of 16 × 16)."""
+    w = torch.randn(32, 64)
+    w.view(-1, 4)[:, :2] = 0  # 2:4 along the input dimension
+    assert us.semi_structured_misfit(w.half()) is None
+    assert "dtype torch.float32" in us.semi_structured_misfit(w)
+    assert "20 × 64" in us.semi_structured_misfit(w[:20].half())
+    assert "not 2:4" in us.semi_structured_misfit(torch.randn(32, 64).half())
+    linear = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    assert us.to_semi_structured(torch.nn.Sequential(linear)) == []  # CPU: nothing converted
+    assert type(linear.weight) is torch.nn.Parameter

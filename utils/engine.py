@@ -87,7 +87,10 @@ def _set_rng_state(state: dict, loader) -> None:
     _set_numpy_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU seen when saving; a resumed run may see fewer (another
+        # CUDA_VISIBLE_DEVICES), so restore those it has.
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
     gen = getattr(loader, "generator", None)
     if gen is not None and "loader" in state:
         gen.set_state(state["loader"])
