@@ -198,8 +198,9 @@ def evaluate_metrics(model: nn.Module, loader, device, progress: bool = False, d
     was = model.training
     model.eval()
     device = torch.device(device)
-    # loss, top-1 correct, top-5 correct, count; summed on the device (no sync per batch)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    # loss, top-1 correct, top-5 correct: summed on the device (no sync per batch); count on the host
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    count = 0
     show = progress and dist_utils.is_main()
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not show):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -208,9 +209,10 @@ def evaluate_metrics(model: nn.Module, loader, device, progress: bool = False, d
         out = out.float()
         hits = out.topk(min(5, out.shape[1]), dim=1).indices == y[:, None]
         sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
-                             hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                             torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+                             hits[:, 0].sum().double(), hits.any(1).sum().double()])
+        count += y.numel()
     model.train(was)
+    sums = torch.cat([sums, sums.new_tensor([float(count)])])
     sums = dist_utils.all_reduce_sum(sums)
     loss, c1, c5, n = sums.tolist()
     if n == 0:
