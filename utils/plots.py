@@ -48,7 +48,8 @@ STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fo
          "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.grid": True, "grid.alpha": 0.3,
          "svg.fonttype": "none"}  # SVG text stays text (searchable, editable)
 MARKERS = "osD^vP*Xh<>p"
-COLORS = matplotlib.colormaps["tab10"].colors
+# tab10 and two more, so the eleven criteria of a full grid get eleven colours (dense is black)
+COLORS = tuple(matplotlib.colormaps["tab10"].colors) + ("navy", "darkgoldenrod")
 FORMATS = ("png", "svg")
 # Text columns of results.csv; every other column is read as JSON (numbers, null, dicts).
 TEXT_COLUMNS = {"model", "dataset", "mode", "criterion", "status", "error", "result_path"}
