@@ -56,6 +56,14 @@ once: their detached sum (plus the bias tangent) is the node's output tangent, a
 attached to a zero-valued sink whose backward injects the node's g_Z. Then one ordinary
 backward gives every g_Z, and one backward of the sum of sinks gives H̃δθ. Module backward
 hooks are lifted for the pass and put back after (pruners.tracing.lifted_backward_hooks).
+
+Memory (peak about 1.6–1.7 training steps on the CIFAR networks, from 1.9–2.0): autograd keeps
+only primals, never tangents, because every call that is not a product and whose inputs carry
+tangents runs twice, on the primals with autograd and on the duals without
+(`_BilinearTracer.call`); and the upstream term of a conv / linear
+weight, ∂⟨g_Z, B(Ẋ, W)⟩/∂W, is made in closed form by a probe on Z while the ordinary backward
+passes it, so the input tangent Ẋ is let go there instead of being kept for the surrogate
+backward (where the input is larger than the weight).
 """
 from __future__ import annotations
 
@@ -65,13 +73,14 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .registry import (CriterionError, Method, ScoreDict, average_batch_scores, preserved_state,
                        register)
 from .tracing import (BILINEAR_RULES, Slot, TransposedSlot, decomposed_attention,
-                      gradient_sink, input_transpose, lifted_backward_hooks, map_tensors,
-                      out_of_place_modules, tensors_in)
+                      gradient_probe, gradient_sink, input_transpose, lifted_backward_hooks,
+                      map_tensors, out_of_place_modules, tensors_in, weight_transpose)
 
 _NORM_TYPES = tuple(t for t in (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
@@ -124,19 +133,108 @@ def _with_constant_tangent(t):
     return fwAD.make_dual(primal, tangent.detach())
 
 
+def _detached_dual(t):
+    """t's primal and tangent, both detached, as a dual (non-tensors unchanged)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    primal, tangent = fwAD.unpack_dual(t)
+    if tangent is None:
+        return primal.detach()
+    return fwAD.make_dual(primal.detach(), tangent.detach())
+
+
+# Calls that act on the tensor object itself rather than compute a new value: run once, on the
+# original arguments (running them on stand-ins would act on the stand-ins).
+_ACTS_ON_OBJECT = frozenset({"__get__", "__set__", "__delete__", "__setitem__", "retain_grad",
+                             "register_hook", "register_post_accumulate_grad_hook", "backward"})
+
+
+def _runs_once(func, kwargs) -> bool:
+    """Whether a call that is not a product must run once, on the duals: it writes into an
+    argument (torch's naming: a trailing underscore, also on an op overload such as
+    aten.mul_.Tensor; or an `out=` / `inplace=True` argument) or acts on the tensor object
+    (attributes, hooks)."""
+    name = getattr(func, "__name__", "")
+    base = name.split(".")[0]
+    return (base.endswith("_") and not base.endswith("__")) or name in _ACTS_ON_OBJECT \
+        or kwargs.get("inplace") is True or "out" in kwargs
+
+
+def _generators(args, kwargs) -> List[torch.Generator] | None:
+    """The random generators a call on these arguments may draw from: the CPU default, the
+    default of every CUDA device among the tensors, and any generator passed explicitly; None
+    when a tensor lives on another kind of device (its generator is not rewound here)."""
+    found = [torch.default_generator]
+    for t in tensors_in((args, kwargs)):
+        if t.is_cuda:
+            found.append(torch.cuda.default_generators[t.device.index or 0])
+        elif t.device.type not in ("cpu", "meta"):
+            return None
+    found += [g for g in list(args) + list(kwargs.values()) if isinstance(g, torch.Generator)]
+    unique = {id(g): g for g in found}
+    return list(unique.values())
+
+
+def _with_tangents_of(primal_out, dual_out):
+    """primal_out (a tree of tensors) with each tensor made dual with the tangent of the tensor in
+    the same place of dual_out."""
+    leaves, spec = tree_flatten(primal_out)
+    dual_leaves, _ = tree_flatten(dual_out)
+    for i, (p, d) in enumerate(zip(leaves, dual_leaves)):
+        tangent = _tangent(d)
+        if isinstance(p, torch.Tensor) and tangent is not None:
+            leaves[i] = fwAD.make_dual(p, tangent)
+    return tree_unflatten(leaves, spec)
+
+
 class _BilinearTracer(decomposed_attention):
     """Sees every torch call of the forward pass; builds tangents and sinks at bilinear nodes."""
 
-    def __init__(self, scales: Dict[str, float], static: List[torch.Tensor]):
+    def __init__(self, scales: Dict[str, float], static: List[torch.Tensor],
+                 buffers: List[torch.Tensor] = ()):
         super().__init__()
         self.scales = scales
         self.static = WeakIdKeyDictionary()
         for t in static:
             self.static[t] = True
-        self.watched: List[torch.Tensor] = []  # tensors whose ∂L/∂· the sinks need
-        self.versions: List[int] = []          # their version counters when watched
-        self.slots: List[Slot] = []
+        self.watched: List[torch.Tensor] = []  # tensors whose ∂L/∂· is read off the backward
+        self.slots: List[Slot] = []            # where it goes
+        self.guarded: List[Tuple[torch.Tensor, int]] = []  # (tensor, version) not to change
         self.sinks: List[torch.Tensor] = []
+        # Module buffers: a call may update them in place (BatchNorm's running statistics);
+        # the run for the tangent gets copies, so they are updated once.
+        self.buffers = {id(b) for b in buffers}
+        # A leaf every probe hangs on, requested in the ordinary backward (gradient_probe), and
+        # whether that backward is the one running: the probes read ∂L/∂Z only then.
+        self.anchor = torch.zeros((), requires_grad=True)
+        self.reading = False
+
+    def call(self, func, args, kwargs):
+        """A call that is not bilinear. Run on dual inputs, autograd would save those inputs
+        with their tangents (a saved tensor keeps its forward gradient until the dual level
+        closes): one more activation-sized set of tensors held to the end of the forward (on
+        resnet32, the tangent of every conv output, kept by the BatchNorm after it). So the
+        output is made twice: on the primals with autograd, which then saves primals only, and
+        on detached duals without autograd, for the tangent. Random generators are rewound for
+        the second run, so both draw the same (dropout masks), and module buffers are copied
+        for it, so in-place updates of them (running statistics) happen once. Calls that write
+        into an argument or act on the tensor object run once, on the duals, as do calls on
+        devices whose generators are not handled."""
+        generators = None if _runs_once(func, kwargs) else _generators(args, kwargs)
+        if generators is None or all(_tangent(t) is None for t in tensors_in((args, kwargs))):
+            return func(*args, **kwargs)
+        states = [g.get_state() for g in generators]
+        primal_out = func(*map_tensors(args, _primal), **map_tensors(kwargs, _primal))
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
+
+        def for_tangent(t):
+            if isinstance(t, torch.Tensor) and id(t) in self.buffers:
+                return t.detach().clone()
+            return _detached_dual(t)
+        with torch.no_grad():
+            dual_out = func(*map_tensors(args, for_tangent), **map_tensors(kwargs, for_tangent))
+        return _with_tangents_of(primal_out, dual_out)
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -173,17 +271,36 @@ class _BilinearTracer(decomposed_attention):
         return "parallel"
 
     def _watch(self, tensor) -> Slot:
-        """A slot that receives ∂L/∂tensor from the ordinary backward."""
+        """A slot that receives ∂L/∂tensor, `tensor` being one of the inputs the ordinary
+        backward is asked for (its gradient is among that call's results)."""
         slot = Slot()
         self.slots.append(slot)
         self.watched.append(tensor)
-        self.versions.append(tensor._version)
+        self.guarded.append((tensor, tensor._version))
         return slot
+
+    def _probed(self, z, z_slot: Slot | None, upstream: list):
+        """z passed through a gradient probe. When the ordinary backward reaches it, ∂L/∂z goes
+        to z_slot (if a sink will use it) and every upstream weight term is made at once,
+        ∂⟨∂L/∂z, B(Ẋ, W)⟩/∂W, into its slot; the tangent Ẋ it needed is then let go, rather
+        than kept for the surrogate backward."""
+        def receive(grad) -> bool:
+            if not self.reading:  # a backward of the model's own, not the ordinary one
+                return False
+            if z_slot is not None and z_slot.uses > 0:
+                z_slot.grad = grad
+            for slot, transpose, x_tangent in upstream:
+                slot.grad = transpose(x_tangent, grad)
+            upstream.clear()
+            return True
+        out = gradient_probe(z, self.anchor, receive)
+        self.guarded.append((out, out._version))
+        return out
 
     def check_unchanged(self) -> None:
         """After the forward pass: a watched tensor changed in place has lost the autograd
         history whose gradient the sinks need."""
-        if any(t._version != v for t, v in zip(self.watched, self.versions)):
+        if any(t._version != v for t, v in self.guarded):
             raise CriterionError(
                 "OBA: the model's forward changes the output of a conv / linear / matmul call "
                 "in place (e.g. F.relu_(x), F.relu(x, inplace=True), x += y right after the "
@@ -221,6 +338,7 @@ class _BilinearTracer(decomposed_attention):
 
         tangent = None
         z_slot = None
+        upstream = []  # weight terms made from ∂L/∂Z by the probe: (slot, transpose, Ẋ)
         bilinear_part = None  # Z minus the remainder, for the shortcut
         for k, (into, into_p, other, other_t, term_fn) in enumerate(terms):
             if other_t is None:
@@ -239,15 +357,26 @@ class _BilinearTracer(decomposed_attention):
                     self.sinks.append(gradient_sink(into_p, slot, scale))
                 elif id(into) in transposed:
                     if z_slot is None:
-                        z_slot = self._watch(z)
+                        z_slot = Slot()
                     self.sinks.append(gradient_sink(
                         into_p, TransposedSlot(z_slot, transposed[id(into)]), scale))
+            elif k == 1 and into_p.requires_grad and torch.is_grad_enabled() and scale != 0 \
+                    and a_t.numel() > b_p.numel() \
+                    and (transpose := weight_transpose(func, args, kwargs, a_p, b_p)) is not None:
+                # The term into a conv / linear weight: its value without autograd, its
+                # gradient in closed form when the probe sees ∂L/∂Z (_probed). That holds a
+                # weight-sized gradient instead of the input-sized tangent Ẋ until the surrogate
+                # backward, so it is taken where the input is the larger of the two.
+                value = bil(a_t, b_p.detach())
+                slot = Slot(uses=1)
+                upstream.append((slot, transpose, a_t))
+                self.sinks.append(gradient_sink(into_p, slot, scale))
             else:
                 term = term_fn()
                 value = term.detach()
                 if term.requires_grad and scale != 0:
                     if z_slot is None:
-                        z_slot = self._watch(z)
+                        z_slot = Slot()
                     z_slot.uses += 1
                     self.sinks.append(gradient_sink(term, z_slot, scale))
                 del term
@@ -257,6 +386,8 @@ class _BilinearTracer(decomposed_attention):
             if extra_t is not None:
                 piece = to_output(extra_t, z)
                 tangent = piece.expand_as(z).clone() if tangent is None else tangent + piece
+        if z_slot is not None or upstream:
+            z = self._probed(z, z_slot, upstream)
         if tangent is None:
             return z
         return fwAD.make_dual(z, tangent)
@@ -286,10 +417,11 @@ def _oba_pass(model, inputs, targets, loss_fn, scales, need_grad):
 def _oba_pass_unhooked(model, inputs, targets, loss_fn, scales, need_grad):
     perturbed = perturbed_parameters(model)
     params = list(perturbed.values())
-    static = list(model.parameters()) + list(model.buffers())
+    buffers = list(model.buffers())
+    static = list(model.parameters()) + buffers
     with fwAD.dual_level():
         duals = {n: fwAD.make_dual(p, p.detach()) for n, p in perturbed.items()}
-        tracer = _BilinearTracer(scales, static + list(duals.values()))
+        tracer = _BilinearTracer(scales, static + list(duals.values()), buffers)
         with tracer:
             output = torch.func.functional_call(model, duals, (inputs,))
         del duals
@@ -300,14 +432,20 @@ def _oba_pass_unhooked(model, inputs, targets, loss_fn, scales, need_grad):
     # Both backward passes run after the dual level is closed: inside it, saved tensors would
     # bring their tangents along and every backward op would also push tangents (a wasted
     # forward-over-reverse pass costing about as much again).
-    wanted = tracer.watched + (params if need_grad else [])
-    grads = torch.autograd.grad(loss, wanted, retain_graph=True, allow_unused=True) \
-        if wanted else []
-    for slot, g in zip(tracer.slots, grads[:len(tracer.watched)]):
+    # The probes fill their slots while it runs (each in its own _probed closure).
+    wanted = [tracer.anchor] + tracer.watched + (params if need_grad else [])
+    tracer.reading = True
+    try:
+        grads = torch.autograd.grad(loss, wanted, retain_graph=True, allow_unused=True) \
+            if loss.requires_grad else [None] * len(wanted)
+    finally:
+        tracer.reading = False
+    for slot, g in zip(tracer.slots, grads[1:1 + len(tracer.watched)]):
         slot.grad = g
-    param_grads = list(grads[len(tracer.watched):]) if need_grad else None
+    param_grads = list(grads[1 + len(tracer.watched):]) if need_grad else None
     del grads
     tracer.watched.clear()
+    tracer.guarded.clear()
     sinks, tracer.sinks = tracer.sinks, []
     hv = [None] * len(params)
     if sinks:

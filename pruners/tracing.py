@@ -8,7 +8,10 @@
   matmul → softmax → matmul and opens Python-level functionals (F.multi_head_attention_forward)
   so that the calls inside them are seen; tracers subclass it.
 * `Slot` / `gradient_sink`: a zero-valued node whose backward injects a gradient known only
-  after the ordinary backward pass (∇_θ ⟨g, U(θ)⟩ without keeping U).
+  after the ordinary backward pass (∇_θ ⟨g, U(θ)⟩ without keeping U); `gradient_probe`: an
+  identity node that hands ∂L/∂· to a callback while that backward pass runs.
+* `input_transpose` / `weight_transpose`: closed-form input and weight gradients of conv /
+  linear calls.
 * `lifted_backward_hooks`: module backward hooks taken off for a scoring pass, put back after;
   `out_of_place_modules`: modules' in-place flags switched off the same way.
 * `grads_or_zeros`: torch.autograd.grad with zeros for unused inputs.
@@ -263,26 +266,51 @@ class TransposedSlot:
 
 _CONV_INPUT_GRADIENTS = {F.conv1d: torch.nn.grad.conv1d_input, F.conv2d: torch.nn.grad.conv2d_input,
                          F.conv3d: torch.nn.grad.conv3d_input}
+_CONV_WEIGHT_GRADIENTS = {F.conv1d: torch.nn.grad.conv1d_weight,
+                          F.conv2d: torch.nn.grad.conv2d_weight,
+                          F.conv3d: torch.nn.grad.conv3d_weight}
+
+
+def _closed_form_conv_options(func, args, kwargs, x: torch.Tensor, weight: torch.Tensor
+                              ) -> dict | None:
+    """stride / padding / dilation / groups of an F.conv1d/2d/3d call whose gradients the
+    closed forms below handle (batched input, numeric padding, one dtype), else None."""
+    if func not in _CONV_INPUT_GRADIENTS or weight.dtype != x.dtype:
+        return None
+    names = ("stride", "padding", "dilation", "groups")
+    options = {name: _arg(args, kwargs, 3 + i, name, default)
+               for i, (name, default) in enumerate(zip(names, (1, 0, 1, 1)))}
+    if isinstance(options["padding"], str) or x.dim() != weight.dim():
+        return None  # 'same' / 'valid' padding, unbatched input: the general paths handle them
+    return options
 
 
 def input_transpose(func, args, kwargs, x: torch.Tensor, weight: torch.Tensor
                     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """g ↦ ∂⟨g, B(x, weight)⟩/∂x for an F.linear or F.conv1d/2d/3d call (batched input, numeric
     padding, one dtype), or None for calls without such a closed form here."""
-    if weight.dtype != x.dtype:
-        return None
     if func is F.linear:
-        return (lambda g: g @ weight) if weight.dim() == 2 else None
-    conv_input = _CONV_INPUT_GRADIENTS.get(func)
-    if conv_input is None:
+        return (lambda g: g @ weight) if weight.dim() == 2 and weight.dtype == x.dtype else None
+    options = _closed_form_conv_options(func, args, kwargs, x, weight)
+    if options is None:
         return None
-    names = ("stride", "padding", "dilation", "groups")
-    options = {name: _arg(args, kwargs, 3 + i, name, default)
-               for i, (name, default) in enumerate(zip(names, (1, 0, 1, 1)))}
-    if isinstance(options["padding"], str) or x.dim() != weight.dim():
-        return None  # 'same' / 'valid' padding, unbatched input: the alias path handles them
-    shape = x.shape
+    shape, conv_input = x.shape, _CONV_INPUT_GRADIENTS[func]
     return lambda g: conv_input(shape, weight, g, **options)
+
+
+def weight_transpose(func, args, kwargs, x: torch.Tensor, weight: torch.Tensor
+                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """(u, g) ↦ ∂⟨g, B(u, w)⟩/∂w at w = weight, for an F.linear or F.conv1d/2d/3d call with input
+    x (the same conditions as input_transpose), or None. u has x's shape: e.g. x's tangent."""
+    if func is F.linear:
+        if weight.dim() != 2 or weight.dtype != x.dtype:
+            return None
+        return lambda u, g: g.reshape(-1, g.shape[-1]).t() @ u.reshape(-1, u.shape[-1])
+    options = _closed_form_conv_options(func, args, kwargs, x, weight)
+    if options is None:
+        return None
+    shape, conv_weight = weight.shape, _CONV_WEIGHT_GRADIENTS[func]
+    return lambda u, g: conv_weight(u, shape, g, **options)
 
 
 class _GradientSink(torch.autograd.Function):
@@ -304,6 +332,35 @@ def gradient_sink(term: torch.Tensor, slot: Slot, scale: float = 1.0) -> torch.T
     d/dθ Σ sinks = ∇_θ Σ scale ⟨g, U(θ)⟩ without keeping U itself. Each backward through it
     uses the slot once."""
     return _GradientSink.apply(term, slot, scale)
+
+
+class _Probe(torch.autograd.Function):
+    """Identity whose backward hands the incoming gradient to a receiver until it takes it."""
+
+    @staticmethod
+    def forward(ctx, tensor, anchor, receiver):
+        ctx.receiver = receiver
+        ctx.set_materialize_grads(False)  # no zero tensors where no gradient arrives
+        # A new tensor, not a view of the input: the caller guards in-place changes of it itself.
+        return tensor.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is not None and ctx.receiver is not None and ctx.receiver(grad):
+            ctx.receiver = None
+        return grad, None, None
+
+
+def gradient_probe(tensor: torch.Tensor, anchor: torch.Tensor,
+                   receiver: Callable[[torch.Tensor], bool]) -> torch.Tensor:
+    """`tensor` passed through a node that calls receiver(∂L/∂tensor) in every backward pass
+    that brings it a gradient, until the receiver returns True (it took it). `anchor` is a
+    scalar leaf that requires grad, to be among the inputs of the backward meant
+    (torch.autograd.grad(loss, [anchor, ...])): every probe then lies on a path to a requested
+    input, so it runs even where nothing else upstream is requested (a first layer), and no
+    gradient is kept beyond what the receiver keeps. A probe no gradient reaches never calls
+    its receiver."""
+    return _Probe.apply(tensor, anchor, receiver)
 
 
 # ----------------------------------------------------------------------------- module hooks

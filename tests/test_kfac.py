@@ -326,6 +326,25 @@ def test_spd_inverse_and_its_diagonal_match_dense_inverse():
     torch.testing.assert_close(as_float, torch.diagonal(reference).float(), rtol=1e-4, atol=1e-4)
 
 
+def test_inverse_diagonal_retries_in_float64_when_float32_cholesky_fails(capsys, monkeypatch):
+    """C-OBS factorises in the factor's own precision; a float32 factor that is positive
+    definite but too ill-conditioned for a float32 Cholesky is done again in float64, silently
+    (the pseudo-inverse and its warning are for factors that fail in float64 too)."""
+    from utils import log
+    monkeypatch.setattr(log, "_said", set())
+    generator = torch.Generator().manual_seed(0)
+    rotation, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=generator))
+    factor = ((rotation * torch.logspace(0, -9, 6, dtype=torch.float64)) @ rotation.t()).float()
+    factor = (factor + factor.t()) / 2
+    assert torch.linalg.cholesky_ex(factor).info.item() != 0
+    assert torch.linalg.eigvalsh(factor.double()).min() > 0
+    got = kfac.spd_inverse_diagonal(factor)
+    assert got.dtype == torch.float32
+    expected = torch.diagonal(torch.linalg.inv(factor.double())).float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("size, min_block", [(13, 2), (29, 3), (600, 256)])
 def test_blocked_inverse_diagonal_matches_dense_inverse(size, min_block, monkeypatch):
     """spd_inverse_diagonal solves L⁻¹ a block of columns at a time; uneven block edges and
@@ -375,3 +394,154 @@ def test_weight_products_equal_theta_times_full_factor(make):
     torch.testing.assert_close(products["l"].A_diagonal_mean, torch.diagonal(A).mean(),
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(products["l"].S, full["l"].S, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# A of stride-1 convs from shifted channel products (conv_input_gram_by_shifts)
+
+_BY_SHIFTED_PRODUCTS = kfac.by_shifted_products
+
+
+def _input_factor(layer, batches, shifts, monkeypatch):
+    """A from the accumulator, by shifted products (`shifts`) or by the im2col Gram."""
+    monkeypatch.setattr(kfac, "by_shifted_products", lambda m: shifts and _BY_SHIFTED_PRODUCTS(m))
+    acc = kfac._Accumulator(layer, full_input=True, channel_input=False, diagonal=False)
+    assert acc.by_shifts == shifts
+    for x in batches:
+        z = layer(x).detach()
+        acc.add(x, z, torch.zeros_like(z), x.shape[0])
+    return acc.result(sum(x.shape[0] for x in batches)).A
+
+
+def _assert_same_factor(got, expected, rtol=1e-12):
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("kernel", [1, 3, 5, (3, 1), (1, 3), (3, 5), (2, 3)])
+def test_shifted_products_equal_the_im2col_gram(kernel, padding_mode, monkeypatch):
+    """Every stride-1 geometry: dilation 1 and 2, padding 0/1/2/'same'/'valid' (asymmetric for
+    the even kernel), maps from 1×1 to 8×8, with and without bias, over two calls."""
+    torch.manual_seed(0)
+    checked = 0
+    for dilation in (1, 2):
+        for padding in (0, 1, 2, "same", "valid"):
+            for size in ((1, 1), (2, 2), (3, 5), (8, 8)):
+                for bias in (True, False):
+                    conv = nn.Conv2d(3, 2, kernel, dilation=dilation, padding=padding,
+                                     padding_mode=padding_mode, bias=bias)
+                    batches = [torch.randn(2, 3, *size), torch.randn(3, 3, *size)]
+                    try:
+                        conv(batches[0])
+                    except RuntimeError:  # no output position, or padding wider than the map
+                        continue
+                    expected = _input_factor(conv, batches, False, monkeypatch)
+                    _assert_same_factor(_input_factor(conv, batches, True, monkeypatch), expected)
+                    checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 300])
+def test_shifted_products_equal_the_im2col_gram_on_many_examples(chunk, monkeypatch):
+    """The im2col path unfolds a few examples at a time (300: one or two per chunk); the sums
+    agree whatever the chunking, and across calls of different batch sizes."""
+    monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 3, 3, padding=1)
+    batches = [torch.randn(17, 4, 6, 5), torch.randn(6, 4, 6, 5)]
+    _assert_same_factor(_input_factor(conv, batches, True, monkeypatch),
+                        _input_factor(conv, batches, False, monkeypatch))
+
+
+def test_shifted_products_in_float32_are_within_round_off(monkeypatch):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(16, 8, 3, padding=1).float()
+    batches = [torch.randn(8, 16, 8, 8, dtype=torch.float32)]
+    got = _input_factor(conv, batches, True, monkeypatch)
+    assert got.dtype == torch.float32
+    reference = _input_factor(conv.double(), [x.double() for x in batches], False, monkeypatch)
+    _assert_same_factor(got.double(), reference, rtol=1e-5)
+
+
+def test_first_call_overwrites_whatever_memory_it_gets():
+    """The blocks are allocated uninitialised: every one must be written (blocks of shifts whose
+    products all meet padding are zeroed). Freed NaNs of the same size are likely reused."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 2, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 1, 1)  # 1×1 map: only the centre offset sees data
+    for _ in range(3):
+        garbage = torch.full((45, 3, 3), float("nan"))
+        del garbage
+        blocks = kfac.conv_input_gram_by_shifts(conv, x)
+        assert bool(torch.isfinite(blocks).all())
+        A = kfac.gram_from_shift_blocks(blocks, (3, 3))
+        a = kfac.conv_patches(conv, x).reshape(-1, 27)
+        _assert_same_factor(A, a.t() @ a)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1),
+                                  lambda: nn.Conv2d(2, 3, (3, 1), stride=(1, 2), padding=1),
+                                  lambda: nn.Linear(4, 3)])
+def test_strided_convs_and_linear_layers_keep_the_patch_gram(make):
+    # so do layers off the CPU (a GPU runs one large im2col GEMM better)
+    assert not kfac.by_shifted_products(nn.Conv2d(2, 3, 3, padding=1, device="meta"))
+    torch.manual_seed(4)
+    layer = make()
+    assert not kfac.by_shifted_products(layer)
+    x = torch.randn(3, 2, 5, 6) if isinstance(layer, nn.Conv2d) else torch.randn(3, 5, 4)
+    acc = kfac._Accumulator(layer, full_input=True, channel_input=False, diagonal=False)
+    assert not acc.by_shifts
+    z = layer(x).detach()
+    acc.add(x, z, torch.zeros_like(z), 3)
+    a = kfac._input_samples(layer, x, bias_column=True)
+    a = a.reshape(-1, a.shape[-1])
+    _assert_same_factor(acc.result(3).A, a.t() @ a / a.shape[0])
+
+
+def _shift_net():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 3, 3, padding=2, dilation=2, bias=False),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+
+
+def test_factor_over_two_batches_equals_factor_over_their_union():
+    net = _shift_net()
+    x, y = torch.randn(7, 2, 5, 5), torch.randint(0, 3, (7,))
+    options = {"fisher_type": "empirical"}
+    loss = nn.CrossEntropyLoss()
+    split = kfac.collect_kfac_statistics(net, [(x[:3], y[:3]), (x[3:], y[3:])], loss, **options)
+    whole = kfac.collect_kfac_statistics(net, [(x, y)], loss, **options)
+    assert kfac.by_shifted_products(net[0]) and kfac.by_shifted_products(net[2])
+    for name in ("0", "2", "5"):
+        _assert_same_factor(split[name].A, whole[name].A)
+        assert split[name].input_samples == whole[name].input_samples
+
+
+def test_process_sums_of_the_shifted_factor_add_up(monkeypatch):
+    """_sum_over_processes with two simulated processes: every running sum of the shifted path
+    (blocks and bias column) is all-reduced, so the result equals one process over all batches."""
+    net = _shift_net()
+    x, y = torch.randn(6, 2, 5, 5), torch.randint(0, 3, (6,))
+    options = {"fisher_type": "empirical"}
+    whole = kfac.collect_kfac_statistics(net, [(x, y)], nn.CrossEntropyLoss(), **options)
+    monkeypatch.setattr(kfac, "is_distributed", lambda: True)
+    other = {}  # the other process's sums (copies: result() normalises its own in place)
+
+    def record(sums):
+        other.update({k: v.clone() for k, v in sums.items()})
+        return {k: v.clone() for k, v in sums.items()}
+    monkeypatch.setattr(kfac, "all_reduce_dict", record)
+    counts = []
+    monkeypatch.setattr(kfac, "all_reduce_sum", lambda t: counts.append(t.clone()) or t.clone())
+    kfac.collect_kfac_statistics(net, [(x[4:], y[4:])], nn.CrossEntropyLoss(), **options)
+    assert "0\0A" in other and "0\0A_bias" in other
+    monkeypatch.setattr(kfac, "all_reduce_dict",
+                        lambda sums: {k: v + other[k] for k, v in sums.items()})
+    added = iter(counts)
+    monkeypatch.setattr(kfac, "all_reduce_sum", lambda t: t + next(added))
+    shared = kfac.collect_kfac_statistics(net, [(x[:4], y[:4])], nn.CrossEntropyLoss(), **options)
+    for name in ("0", "2", "5"):
+        _assert_same_factor(shared[name].A, whole[name].A)
+        _assert_same_factor(shared[name].S, whole[name].S)

@@ -141,22 +141,29 @@ class ConvVariantsNet(nn.Module):
         return self.fc(h.flatten(1))
 
 
-@pytest.mark.parametrize("rebuild", [True, False])
-def test_conv_variants_match_brute_force(rebuild, monkeypatch):
-    """H̃δθ against brute force with ∂L/∂X of conv / linear inputs rebuilt from ∂L/∂Z in the
-    sinks (TransposedSlot), and with every input going through the alias path instead."""
+@pytest.mark.parametrize("closed_forms", [True, False])
+def test_conv_variants_match_brute_force(closed_forms, monkeypatch):
+    """H̃δθ against brute force with the closed forms of conv / linear calls (∂L/∂X rebuilt from
+    ∂L/∂Z in the sinks, TransposedSlot; weight terms made by the probe on Z during the ordinary
+    backward), and without them (every input through the alias path, every weight term through
+    its own autograd graph)."""
     import pruners.oba as oba
-    made = []
-    if rebuild:
-        original = oba.TransposedSlot
-        monkeypatch.setattr(oba, "TransposedSlot",
-                            lambda *a: made.append(1) or original(*a))
+    rebuilt, probed = [], []
+    if closed_forms:
+        for name, made in (("TransposedSlot", rebuilt), ("weight_transpose", probed)):
+            def counted(*a, original=getattr(oba, name), made=made):
+                result = original(*a)
+                made.extend([1] if result is not None else [])
+                return result
+            monkeypatch.setattr(oba, name, counted)
     else:
         monkeypatch.setattr(oba, "input_transpose", lambda *a: None)
+        monkeypatch.setattr(oba, "weight_transpose", lambda *a: None)
     torch.manual_seed(4)
     _assert_hvp_is_brute_force(ConvVariantsNet().to(DT), (5, 2, 6, 6))
-    # grouped, line and fc are rebuilt; strided sees the data (no gradient), same is an alias
-    assert len(made) == (3 if rebuild else 0)
+    # grouped, line and fc are rebuilt and probed; strided sees the data (no gradient, no
+    # tangent), same has string padding (alias, autograd graph)
+    assert (len(rebuilt), len(probed)) == ((3, 3) if closed_forms else (0, 0))
 
 
 class InplaceReluNet(nn.Module):
@@ -542,3 +549,164 @@ def test_general_path_without_the_weight_shortcut(transformer_case, monkeypatch)
     monkeypatch.setattr(oba, "_same_value", lambda tangent, primal: False)
     test_hvp_equals_hessian_minus_gauss_newton(ResidualConvNet, (5, 2, 4, 4))
     test_transformer_components_match_brute_force(transformer_case, "mha")
+
+
+# ----------------------------------------------------------------------------- randomness
+
+class DropoutMLP(ReluMLP):
+    """ReluMLP with dropout (p = 0.5) after the first ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(self.drop(F.relu(self.fc1(x))))))
+
+
+class FixedMaskMLP(DropoutMLP):
+    """DropoutMLP with one given dropout mask instead of a random one."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(self.mask * F.relu(self.fc1(x)))))
+
+
+def test_dropout_value_and_tangent_share_one_mask():
+    """Calls other than products run twice (value with autograd, tangent without); the random
+    generator is rewound between the runs, so a train-mode dropout masks value and tangent
+    alike: OBA then equals brute force on the network with that mask fixed."""
+    torch.manual_seed(6)
+    model = DropoutMLP().to(DT).train()
+    x, y = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
+    torch.manual_seed(11)
+    mask = model.drop(torch.ones(7, 6, dtype=DT))  # the draw the scoring pass will make
+    assert 0 < int((mask == 0).sum()) < mask.numel()
+    reference = FixedMaskMLP(mask).to(DT)
+    reference.load_state_dict(model.state_dict())
+    names, _, expected = _brute_h_minus_ggn(reference, x, y, nn.CrossEntropyLoss())
+    torch.manual_seed(11)
+    _, hv = oba_hvp(model, x, y, nn.CrossEntropyLoss())
+    after_scoring = torch.get_rng_state()
+    got = _flat([hv[n] for n in names])
+    assert (got - expected).norm() / expected.norm() < 1e-10
+    # the generator moved on exactly as for one forward pass, not two
+    torch.manual_seed(11)
+    model.drop(torch.ones(7, 6, dtype=DT))
+    assert torch.equal(after_scoring, torch.get_rng_state())
+
+
+# ----------------------------------------------------------------------------- calls run twice
+
+class SharedWeightAuxNet(nn.Module):
+    """A conv used twice (one weight, two products) and an auxiliary head the loss may skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.aux, self.aux_fc = nn.Conv2d(3, 2, 3, padding=1), nn.Linear(72, 3)
+        self.fc = nn.Linear(108, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.c2(F.relu(self.c1(x))))))
+        return self.fc(h.flatten(1)), self.aux_fc(self.aux(h).flatten(1))
+
+
+@pytest.mark.parametrize("aux_weight", [0.0, 0.5])
+def test_shared_weight_and_unreached_head_match_brute_force(aux_weight):
+    """The probe path (weight terms made while the ordinary backward passes Z) with a weight
+    used by two calls, and with a head the loss does not reach (its probes never fire)."""
+    torch.manual_seed(5)
+    model = SharedWeightAuxNet().to(DT)
+    x, y = torch.randn(5, 2, 6, 6, dtype=DT), torch.randint(0, 3, (5,))
+
+    def loss_fn(out, target):
+        return F.cross_entropy(out[0], target) + aux_weight * F.cross_entropy(out[1], target)
+    perturbed = perturbed_parameters(model)
+    names = list(perturbed)
+    shapes = [perturbed[n].shape for n in names]
+    theta = _flat([perturbed[n].detach() for n in names])
+
+    def outputs(vec):
+        return torch.func.functional_call(model, dict(zip(names, _unflat(vec, shapes))), (x,))
+    hess = torch.func.hessian(lambda v: loss_fn(outputs(v), y))(theta)
+    both = torch.cat([o.reshape(-1) for o in outputs(theta)]).detach()
+    split = outputs(theta)[0].numel()
+
+    def loss_of_flat(flat):
+        return loss_fn((flat[:split].view(5, 3), flat[split:].view(5, 3)), y)
+    jac = torch.func.jacrev(lambda v: torch.cat([o.reshape(-1) for o in outputs(v)]))(theta)
+    expected = (hess - jac.T @ torch.func.hessian(loss_of_flat)(both) @ jac) @ theta
+    _, hv = oba_hvp(model, x, y, loss_fn)
+    got = _flat([hv[n] for n in names])
+    assert (got - expected).norm() / expected.norm() < 1e-10
+    if aux_weight == 0:
+        assert hv["aux.weight"].abs().max() == 0
+
+
+class BNMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.bn(self.fc1(x))))
+
+
+def test_calls_run_twice_have_their_side_effects_once():
+    """The second run of a call (for the tangent) gets copies of module buffers, and calls that
+    write into an argument or act on the tensor object run once: a train-mode BatchNorm updates
+    its running statistics once even when oba_hvp is called outside the scoring context, an
+    in-place op overload multiplies once (value and tangent), an attribute set lands on the
+    real tensor."""
+    torch.manual_seed(7)
+    x, y = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
+    model = BNMLP().to(DT).train()
+    reference = BNMLP().to(DT).train()
+    reference.load_state_dict(model.state_dict())
+    reference(x)
+    oba_hvp(model, x, y, nn.CrossEntropyLoss())
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(dict(model.named_buffers())[name], buffer), name
+
+    class InPlaceOverload(ReluMLP):
+        def forward(self, x):
+            h = F.relu(self.fc1(x)) * 1.0
+            torch.ops.aten.mul_.Tensor(h, 3.0)  # an op overload that writes into its argument
+            return self.fc3(F.relu(self.fc2(h)))
+
+    class Plain(ReluMLP):
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(3.0 * F.relu(self.fc1(x)))))
+    torch.manual_seed(8)
+    overload = InPlaceOverload().to(DT)
+    plain = Plain().to(DT)
+    plain.load_state_dict(overload.state_dict())
+    _, hv_overload = oba_hvp(overload, x, y, nn.CrossEntropyLoss())
+    _, hv_plain = oba_hvp(plain, x, y, nn.CrossEntropyLoss())
+    for name in hv_plain:
+        assert torch.allclose(hv_overload[name], hv_plain[name], rtol=1e-12, atol=1e-14), name
+
+    class AttributeSet(ReluMLP):
+        def forward(self, x):
+            h = F.relu(self.fc1(x))
+            g = torch.zeros_like(h)
+            g.data = h  # acts on g itself: must not land on a stand-in
+            assert torch.equal(g, h)
+            return self.fc3(F.relu(self.fc2(h)))
+    oba_hvp(AttributeSet().to(DT), x, y, nn.CrossEntropyLoss())
+
+
+def test_forward_without_autograd_scores_zero():
+    """A model that runs its forward under no_grad gives zero scores, not an error."""
+    class NoGrad(ReluMLP):
+        def forward(self, x):
+            with torch.no_grad():
+                return super().forward(x)
+    torch.manual_seed(9)
+    _, hv = oba_hvp(NoGrad().to(DT), torch.randn(4, 5, dtype=DT), torch.tensor([0, 1, 2, 0]),
+                    nn.CrossEntropyLoss())
+    assert all(v.abs().max() == 0 for v in hv.values())

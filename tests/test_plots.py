@@ -287,3 +287,17 @@ def test_command_line(tmp_path, capsys):
     assert proc.returncode == 2
     assert_one_line_error(proc, "missing", "not a folder")
 
+
+
+def test_a_criterion_looks_the_same_in_every_grid_and_labels_stay_distinct():
+    one = plots.Styles(["OBA", "Weight", "Eigen"])
+    other = plots.Styles(["Eigen", "Slim", "C-OBS", "OBA"])
+    for c in ("OBA", "Eigen"):
+        assert one(c) == other(c)
+    # ablation labels take places no criterion of their grid holds, also when added later
+    mixed = plots.Styles(["OBA", "eval mode", "no BN re-estimation"])
+    mixed("Weight")
+    looks = [tuple(mixed(c).items()) for c in ("OBA", "eval mode", "no BN re-estimation",
+                                               "Weight", "late label")]
+    assert len(set(looks)) == len(looks)
+    assert mixed("OBA") == one("OBA")

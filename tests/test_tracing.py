@@ -1,4 +1,5 @@
-"""The shared tracing module: backward hooks lifted for scoring and put back exactly."""
+"""The shared tracing module: backward hooks lifted for scoring and put back exactly; the
+closed-form input and weight gradients of conv / linear calls against autograd."""
 import copy
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 import torch.nn.modules.module as module_impl
 from pruners.registry import parameter_scores
-from pruners.tracing import lifted_backward_hooks
+from pruners.tracing import input_transpose, lifted_backward_hooks, weight_transpose
 
 DT = torch.float64
 
@@ -95,3 +96,30 @@ def test_hooks_come_back_after_an_error():
             raise RuntimeError("boom")
     assert model.fc._backward_hooks is hooks and handle.id in hooks
     handle.remove()
+
+
+@pytest.mark.parametrize("func, x_shape, w_shape, options", [
+    (F.linear, (4, 3, 5), (6, 5), {}),
+    (F.conv1d, (2, 4, 9), (6, 2, 3), {"stride": 2, "padding": 1, "groups": 2}),
+    (F.conv2d, (2, 4, 7, 6), (6, 4, 3, 3), {"stride": 1, "padding": 2, "dilation": 2}),
+    (F.conv2d, (2, 4, 7, 6), (4, 1, 3, 3), {"stride": 2, "padding": 1, "groups": 4}),
+    (F.conv3d, (2, 2, 5, 4, 4), (3, 2, 3, 2, 2), {"stride": (1, 2, 1)}),
+])
+def test_closed_form_gradients_equal_autograd(func, x_shape, w_shape, options):
+    """input_transpose: g ↦ ∂⟨g, B(x, W)⟩/∂x; weight_transpose: (u, g) ↦ ∂⟨g, B(u, W)⟩/∂W."""
+    torch.manual_seed(0)
+    x = torch.randn(*x_shape, dtype=DT, requires_grad=True)
+    w = torch.randn(*w_shape, dtype=DT, requires_grad=True)
+    args = (x, w, None) + tuple(options.get(k, d) for k, d in
+                                (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))) \
+        if func is not F.linear else (x, w)
+    z = func(*args)
+    g = torch.randn_like(z)
+    grad_x, grad_w = torch.autograd.grad(z, [x, w], g)
+    torch.testing.assert_close(input_transpose(func, args, {}, x, w)(g), grad_x)
+    torch.testing.assert_close(weight_transpose(func, args, {}, x, w)(x.detach(), g), grad_w)
+    # string padding and mixed dtypes have no closed form here
+    if func is not F.linear:
+        same = (x, w, None, 1, "same")
+        assert weight_transpose(func, same, {}, x, w) is None
+    assert weight_transpose(func, args, {}, x.float(), w) is None

@@ -50,6 +50,11 @@ STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fo
 MARKERS = "osD^vP*Xh<>p"
 # tab10 and two more, so the eleven criteria of a full grid get eleven colours (dense is black)
 COLORS = tuple(matplotlib.colormaps["tab10"].colors) + ("navy", "darkgoldenrod")
+# The suite's criteria keep these places in COLORS / MARKERS in every figure of every grid, so
+# OBA looks the same in the vgg19 and the resnet32 plots; other labels (ablation variants) take
+# the places after them, in order of appearance.
+CRITERIA_STYLE_ORDER = ("Weight", "Random", "Taylor", "OBA", "fastOBA", "C-OBD", "Kron-OBD",
+                        "Kron-OBS", "Eigen", "C-OBS", "Slim")
 FORMATS = ("png", "svg")
 # Text columns of results.csv; every other column is read as JSON (numbers, null, dicts).
 TEXT_COLUMNS = {"model", "dataset", "mode", "criterion", "status", "error", "result_path"}
@@ -234,15 +239,27 @@ def dense_value(cells: Iterable[dict], key: str) -> Optional[float]:
 # ----------------------------------------------------------------------------- figures
 
 class Styles:
-    """One colour and marker per criterion, the same in every figure of a grid."""
+    """One colour and marker per criterion: the suite's criteria keep their place in
+    CRITERIA_STYLE_ORDER (the same look in every grid), other labels (ablation variants) take
+    the places no criterion of this grid holds, so all stay distinct within a grid."""
 
     def __init__(self, criteria: Sequence[str]):
-        self.order = list(criteria)
+        self.index = {c: CRITERIA_STYLE_ORDER.index(c)
+                      for c in criteria if c in CRITERIA_STYLE_ORDER}
+        for c in criteria:
+            self._place(c)
+
+    def _place(self, criterion: str) -> int:
+        if criterion not in self.index:
+            taken = set(self.index.values())
+            own = CRITERIA_STYLE_ORDER.index(criterion) \
+                if criterion in CRITERIA_STYLE_ORDER else None
+            self.index[criterion] = own if own is not None and own not in taken else next(
+                i for i in range(len(taken) + 1) if i not in taken)
+        return self.index[criterion]
 
     def __call__(self, criterion: str) -> dict:
-        if criterion not in self.order:
-            self.order.append(criterion)
-        i = self.order.index(criterion)
+        i = self._place(criterion)
         return {"color": COLORS[i % len(COLORS)], "marker": MARKERS[i % len(MARKERS)]}
 
 
@@ -373,7 +390,7 @@ def layers_figure(cells: List[dict], ident, styles: Styles, target: Optional[flo
     for c in at:
         per_crit.setdefault(str(c.get("criterion")), []).append(c["layer_keep_fraction"])
     mode = ident[2]
-    width = min(max(FIGSIZE[0], 2.0 + 0.16 * len(names)), 24.0)
+    width = min(max(FIGSIZE[0], 2.0 + 0.16 * len(names)), 24.0) + 1.4  # + the legend
     with matplotlib.rc_context(STYLE):
         fig = _figure((width, FIGSIZE[1] + 0.6))
         ax = fig.add_subplot()
@@ -398,7 +415,8 @@ def layers_figure(cells: List[dict], ident, styles: Styles, target: Optional[flo
                       else "fraction of output channels kept")
         what = "density" if unstructured(mode) else "MACs"
         ax.set_title(_title(ident, f"channels kept per layer at {what} target {chosen:g}"))
-        ax.legend(loc="best")
+        # Outside the axes: the lines fill the whole plot, so any place inside hides some.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return chosen, fig
 
 
