@@ -40,19 +40,30 @@ def _unflat(vec, shapes):
 
 
 def _brute_h_minus_ggn(model, x, y, loss_fn):
-    """(names, δθ, (H − GGN)δθ) over OBA's perturbed parameters, by torch.func."""
+    """(names, δθ, (H − GGN)δθ) over OBA's perturbed parameters, by torch.func; the model may
+    return one tensor or a tuple of them (the GGN is over all of them together)."""
     perturbed = perturbed_parameters(model)
     names = list(perturbed)
     shapes = [perturbed[n].shape for n in names]
     theta = _flat([perturbed[n].detach() for n in names])
 
-    def logits(vec):
+    def outputs(vec):
         return torch.func.functional_call(model, dict(zip(names, _unflat(vec, shapes))), (x,))
+    first = outputs(theta)
+    single = isinstance(first, torch.Tensor)
+    out_shapes = [first.shape] if single else [o.shape for o in first]
 
-    hess = torch.func.hessian(lambda v: loss_fn(logits(v), y))(theta)
-    jac = torch.func.jacrev(logits)(theta).reshape(-1, theta.numel())
-    z = logits(theta).detach()
-    loss_hess = torch.func.hessian(lambda o: loss_fn(o, y))(z).reshape(z.numel(), z.numel())
+    def flat_outputs(vec):
+        out = outputs(vec)
+        return _flat([out] if single else out)
+
+    def loss_of_flat(flat):
+        parts = _unflat(flat, out_shapes)
+        return loss_fn(parts[0] if single else tuple(parts), y)
+
+    hess = torch.func.hessian(lambda v: loss_fn(outputs(v), y))(theta)
+    jac = torch.func.jacrev(flat_outputs)(theta)
+    loss_hess = torch.func.hessian(loss_of_flat)(flat_outputs(theta).detach())
     return names, theta, (hess - jac.T @ loss_hess @ jac) @ theta
 
 
@@ -625,21 +636,7 @@ def test_shared_weight_and_unreached_head_match_brute_force(aux_weight):
 
     def loss_fn(out, target):
         return F.cross_entropy(out[0], target) + aux_weight * F.cross_entropy(out[1], target)
-    perturbed = perturbed_parameters(model)
-    names = list(perturbed)
-    shapes = [perturbed[n].shape for n in names]
-    theta = _flat([perturbed[n].detach() for n in names])
-
-    def outputs(vec):
-        return torch.func.functional_call(model, dict(zip(names, _unflat(vec, shapes))), (x,))
-    hess = torch.func.hessian(lambda v: loss_fn(outputs(v), y))(theta)
-    both = torch.cat([o.reshape(-1) for o in outputs(theta)]).detach()
-    split = outputs(theta)[0].numel()
-
-    def loss_of_flat(flat):
-        return loss_fn((flat[:split].view(5, 3), flat[split:].view(5, 3)), y)
-    jac = torch.func.jacrev(lambda v: torch.cat([o.reshape(-1) for o in outputs(v)]))(theta)
-    expected = (hess - jac.T @ torch.func.hessian(loss_of_flat)(both) @ jac) @ theta
+    names, _, expected = _brute_h_minus_ggn(model, x, y, loss_fn)
     _, hv = oba_hvp(model, x, y, loss_fn)
     got = _flat([hv[n] for n in names])
     assert (got - expected).norm() / expected.norm() < 1e-10
