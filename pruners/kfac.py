@@ -211,7 +211,7 @@ def spd_inverse_diagonal(factor: torch.Tensor) -> torch.Tensor:
     input factors of a trained vgg19 (digits, 20 and 2 batches of 64, damping 1e-3, condition
     numbers up to 1.6·10⁶), against a float64 sum factorised in float64: the largest relative
     error of an entry of diag(A⁻¹) was ≤ 9·10⁻⁴ factorised in float64 and ≤ 3.3·10⁻³ in
-    float32 (2–6× more in the 4608-wide layers); channel scores moved by ≤ 1.1·10⁻⁴, 10–20×
+    float32 (2–6× more in the 4608-wide layers); channel scores moved by ≤ 1.1·10⁻⁴, about 11×
     less than the gap at the pruning cut, and C-OBS removed the same channels
     (docs/results/importance_cost.md)."""
     work = factor if factor.dtype in (torch.float32, torch.float64) else factor.float()

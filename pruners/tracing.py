@@ -271,6 +271,11 @@ _CONV_WEIGHT_GRADIENTS = {F.conv1d: torch.nn.grad.conv1d_weight,
                           F.conv3d: torch.nn.grad.conv3d_weight}
 
 
+def _closed_form_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the closed forms below handle an F.linear call (2-d weight, one dtype)."""
+    return weight.dim() == 2 and weight.dtype == x.dtype
+
+
 def _closed_form_conv_options(func, args, kwargs, x: torch.Tensor, weight: torch.Tensor
                               ) -> dict | None:
     """stride / padding / dilation / groups of an F.conv1d/2d/3d call whose gradients the
@@ -290,7 +295,7 @@ def input_transpose(func, args, kwargs, x: torch.Tensor, weight: torch.Tensor
     """g ↦ ∂⟨g, B(x, weight)⟩/∂x for an F.linear or F.conv1d/2d/3d call (batched input, numeric
     padding, one dtype), or None for calls without such a closed form here."""
     if func is F.linear:
-        return (lambda g: g @ weight) if weight.dim() == 2 and weight.dtype == x.dtype else None
+        return (lambda g: g @ weight) if _closed_form_linear(x, weight) else None
     options = _closed_form_conv_options(func, args, kwargs, x, weight)
     if options is None:
         return None
@@ -303,7 +308,7 @@ def weight_transpose(func, args, kwargs, x: torch.Tensor, weight: torch.Tensor
     """(u, g) ↦ ∂⟨g, B(u, w)⟩/∂w at w = weight, for an F.linear or F.conv1d/2d/3d call with input
     x (the same conditions as input_transpose), or None. u has x's shape: e.g. x's tangent."""
     if func is F.linear:
-        if weight.dim() != 2 or weight.dtype != x.dtype:
+        if not _closed_form_linear(x, weight):
             return None
         return lambda u, g: g.reshape(-1, g.shape[-1]).t() @ u.reshape(-1, u.shape[-1])
     options = _closed_form_conv_options(func, args, kwargs, x, weight)

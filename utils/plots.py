@@ -244,9 +244,8 @@ class Styles:
     the places no criterion of this grid holds, so all stay distinct within a grid."""
 
     def __init__(self, criteria: Sequence[str]):
-        self.index = {c: CRITERIA_STYLE_ORDER.index(c)
-                      for c in criteria if c in CRITERIA_STYLE_ORDER}
-        for c in criteria:
+        self.index: Dict[str, int] = {}
+        for c in sorted(criteria, key=lambda c: c not in CRITERIA_STYLE_ORDER):  # suite's first
             self._place(c)
 
     def _place(self, criterion: str) -> int:
